@@ -1,0 +1,284 @@
+"""The small interface every backbone family implements.
+
+A backbone owns a diffusers transformer, the scheduler it was trained with, and (for latent models)
+the VAE that turns latents into pictures. It knows how to run *one* denoising step with its
+conditioning; the sampling loop lives in :mod:`tide.sampling`.
+
+Conditions are integers everywhere in tide: a class id for class-conditional families, an index
+into a prompt-embedding file for text families. ``NULL_CONDITION`` (-1) is the unconditional input
+used by classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
+
+import torch
+from torch import nn
+
+from tide.errors import TideError
+
+NULL_CONDITION = -1
+"""Condition id of the unconditional (null) input used for classifier-free guidance."""
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One transformer block of a backbone, as the hooks see it."""
+
+    index: int
+    """Position in tide's block numbering (``blocks.{index}``)."""
+    module: nn.Module
+    """The diffusers block module."""
+    kind: str
+    """Block class name, e.g. ``BasicTransformerBlock`` or ``FluxSingleTransformerBlock``."""
+    joint: bool
+    """True for two-stream (MMDiT) blocks that carry image and text streams."""
+
+
+class Backbone(nn.Module, abc.ABC):
+    """A diffusers transformer + scheduler (+ VAE) behind one interface."""
+
+    family: ClassVar[str]
+    """Short family name used in configs and the CLI (``dit``, ``pixart``, ``sd3``, ``flux``)."""
+    transformer_class: ClassVar[type[nn.Module]]
+    """The diffusers transformer class this adapter drives."""
+    text_conditioned: ClassVar[bool] = False
+    """True when conditions index a prompt-embedding file instead of class labels."""
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        scheduler: Any,
+        vae: nn.Module | None = None,
+        meta: dict | None = None,
+        prompts: "PromptBank | None" = None,
+    ):
+        super().__init__()
+        self.transformer = transformer.eval().requires_grad_(False)
+        self.vae = vae.eval().requires_grad_(False) if vae is not None else None
+        self.scheduler = scheduler
+        self.meta = dict(meta or {})
+        self.prompts = prompts
+        self.name = self.meta.get("name", self.family)
+
+    # ----------------------------------------------------------------------------- construction
+    @classmethod
+    def from_config(cls, config: dict, scheduler: Any | None = None, vae: nn.Module | None = None,
+                    meta: dict | None = None, prompts: "PromptBank | None" = None) -> "Backbone":
+        """A randomly initialised backbone from a transformer config dict (tiny models for tests)."""
+        transformer = cls.transformer_class.from_config(config)
+        return cls(transformer, scheduler if scheduler is not None else cls.default_scheduler(), vae,
+                   meta, prompts)
+
+    @staticmethod
+    @abc.abstractmethod
+    def default_scheduler() -> Any:
+        """The scheduler used when a checkpoint ships none."""
+
+    # ----------------------------------------------------------------------------- geometry
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    @abc.abstractmethod
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of the tensor the sampler denoises."""
+
+    @property
+    def num_tokens(self) -> int:
+        """Image tokens (patches) per sample in the residual stream."""
+        c, h, w = self.latent_shape()
+        p = self.patch_size
+        return (h // p) * (w // p)
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        """(rows, cols) of the image-token grid."""
+        _, h, w = self.latent_shape()
+        return h // self.patch_size, w // self.patch_size
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.transformer.config.patch_size)
+
+    @property
+    def d_model(self) -> int:
+        cfg = self.transformer.config
+        return int(cfg.num_attention_heads * cfg.attention_head_dim)
+
+    @abc.abstractmethod
+    def blocks(self) -> list[BlockSpec]:
+        """The transformer blocks in tide's numbering."""
+
+    # ----------------------------------------------------------------------------- conditioning
+    @property
+    def num_conditions(self) -> int:
+        """Number of valid condition ids (classes or prompts)."""
+        if self.text_conditioned:
+            return len(self.prompts) if self.prompts is not None else 0
+        return self.num_classes
+
+    @property
+    def num_classes(self) -> int:
+        return 0
+
+    @property
+    def condition_names(self) -> list[str]:
+        """Human-readable name of each condition id."""
+        names = self.meta.get("class_names")
+        if names:
+            return list(names)
+        if self.text_conditioned and self.prompts is not None:
+            return list(self.prompts.texts)
+        return [str(i) for i in range(self.num_conditions)]
+
+    def check_conditions(self, conds: Sequence[int]) -> None:
+        """Raise a clear error for condition ids this backbone does not know."""
+        n = self.num_conditions
+        if self.text_conditioned and self.prompts is None:
+            raise TideError(
+                f"the {self.family} backbone is text-conditioned and needs prompt embeddings: pass a "
+                "prompt-embedding file (safetensors with `prompt_embeds`) as `prompts=`/--prompts")
+        bad = [c for c in conds if c != NULL_CONDITION and not 0 <= int(c) < n]
+        if bad:
+            what = "prompt" if self.text_conditioned else "class"
+            raise TideError(f"unknown {what} id(s) {bad}: valid ids are 0..{n - 1} "
+                            f"({', '.join(self.condition_names[:12])}{', ...' if n > 12 else ''})")
+
+    @abc.abstractmethod
+    def encode_conditions(self, conds_B: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Batched model inputs (class labels or prompt embeddings) for condition ids ``conds_B``."""
+
+    # ----------------------------------------------------------------------------- one step
+    @abc.abstractmethod
+    def denoise(self, latents_BCHW: torch.Tensor, t: torch.Tensor,
+                cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The model output the scheduler expects (noise or velocity), shaped like the latents.
+
+        ``t`` is the scheduler's timestep (a scalar tensor); ``cond`` comes from
+        :meth:`encode_conditions`.
+        """
+
+    def forward(self, latents_BCHW: torch.Tensor, t: torch.Tensor,
+                cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.denoise(latents_BCHW, t, cond)
+
+    def scheduler_kwargs(self, num_steps: int) -> dict:
+        """Extra keyword arguments for ``scheduler.set_timesteps`` (e.g. FLUX's resolution shift ``mu``)."""
+        return {}
+
+    def uses_cfg(self, guidance_scale: float) -> bool:
+        """Whether sampling at this guidance scale doubles the batch with null conditions."""
+        return guidance_scale != 1.0
+
+    def scheduler_kwargs(self, num_steps: int) -> dict[str, Any]:
+        """Extra keyword arguments for ``scheduler.set_timesteps(num_steps, ...)``.
+
+        Empty for most families; flow-matching families with resolution-dependent shifting
+        return ``mu`` (and FLUX its custom ``sigmas``), as their diffusers pipelines do.
+        """
+        return {}
+
+    # ----------------------------------------------------------------------------- pictures
+    @torch.no_grad()
+    def decode(self, latents_BCHW: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1], shape (B, C, H, W): through the VAE for latent models."""
+        if self.vae is None:
+            scale = self.meta.get("pixel_scale", 1.0)
+            images = latents_BCHW / scale
+        else:
+            cfg = self.vae.config
+            latents = latents_BCHW.to(self.vae.dtype) / cfg.scaling_factor
+            if getattr(cfg, "shift_factor", None) is not None:
+                latents = latents + cfg.shift_factor
+            images = self.vae.decode(latents).sample
+        return ((images.float() + 1) / 2).clamp(0, 1)
+
+    def describe(self) -> dict:
+        """A JSON-able description: family, sizes, scheduler; used in provenance records."""
+        return {
+            "family": self.family,
+            "name": self.name,
+            "transformer_class": type(self.transformer).__name__,
+            "scheduler_class": type(self.scheduler).__name__,
+            "latent_shape": list(self.latent_shape()),
+            "num_blocks": len(self.blocks()),
+            "d_model": self.d_model,
+            "num_tokens": self.num_tokens,
+            "num_conditions": self.num_conditions,
+            "has_vae": self.vae is not None,
+        }
+
+
+class PromptBank:
+    """Precomputed prompt embeddings for text-conditioned families (no text encoder runs here).
+
+    File format (safetensors): ``prompt_embeds`` (P, L, D) and, as the family needs,
+    ``pooled_prompt_embeds`` (P, Dp) and ``prompt_attention_mask`` (P, L); optional
+    ``negative_*`` counterparts with a leading dimension of 1 serve as the null condition
+    (zeros when absent). Metadata key ``prompts`` holds a JSON list of the prompt texts.
+    """
+
+    KEYS = ("prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask")
+
+    def __init__(self, tensors: dict[str, torch.Tensor], texts: Sequence[str] | None = None):
+        if "prompt_embeds" not in tensors:
+            raise TideError("prompt-embedding file has no `prompt_embeds` tensor (P, L, D)")
+        self.tensors = tensors
+        n = tensors["prompt_embeds"].shape[0]
+        self.texts = list(texts) if texts is not None else [f"prompt {i}" for i in range(n)]
+
+    def __len__(self) -> int:
+        return self.tensors["prompt_embeds"].shape[0]
+
+    @classmethod
+    def load(cls, path) -> "PromptBank":
+        import json
+        from pathlib import Path
+
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not path.is_file():
+            raise TideError(f"prompt-embedding file {path} does not exist")
+        try:
+            tensors = load_file(str(path))
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+        except Exception as exc:  # safetensors raises several types for bad files
+            raise TideError(f"cannot read prompt-embedding file {path}: {exc} "
+                            "(expected a safetensors file)") from exc
+        texts = json.loads(meta["prompts"]) if "prompts" in meta else None
+        return cls(tensors, texts)
+
+    def save(self, path) -> None:
+        import json
+
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(path),
+                  metadata={"prompts": json.dumps(self.texts)})
+
+    def lookup(self, conds_B: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Rows for each condition id; ``NULL_CONDITION`` rows take the negative (or zero) embedding."""
+        out = {}
+        null = conds_B == NULL_CONDITION
+        idx = conds_B.clamp(min=0).cpu()
+        for key in self.KEYS:
+            if key not in self.tensors:
+                continue
+            rows = self.tensors[key][idx]
+            neg = self.tensors.get("negative_" + key)
+            if neg is None:
+                neg = torch.ones_like(rows[:1]) if key.endswith("mask") else torch.zeros_like(rows[:1])
+            rows = torch.where(null.cpu().view(-1, *([1] * (rows.dim() - 1))), neg.to(rows.dtype), rows)
+            out[key] = rows
+        return out
