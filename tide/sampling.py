@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from tide.errors import TideError
 from tide.hooks import BRANCH_NAMES, COND, UNCOND, HookedBackbone, StepContext, step_context
 from tide.models.base import NULL_CONDITION, Backbone
+from tide.models.loading import BackboneConfig
 
 
 @dataclass
@@ -207,3 +208,36 @@ def _denoise_batch(backbone, hooked, conds, seeds, sample_ids, config, intervent
         x = scheduler.step(out, t, x, **extra, return_dict=False)[0]
         bar.update(b)
     return x
+
+
+# ------------------------------------------------------------------------------------ grid job
+
+@dataclass
+class GenerateConfig(SamplerConfig, BackboneConfig):
+    """`tide sample`: a grid of class-conditional samples, one row per condition."""
+
+    classes: list[int] | None = None
+    """Condition ids, one grid row each: class ids, or prompt ids for text families (default: all)."""
+    n: int = 8
+    """Samples per condition (grid columns)."""
+    seed: int = 0
+    """Seed of the first sample; sample j of row r uses seed + r*n + j."""
+    out: str = "grid.png"
+    """Where to write the PNG grid."""
+
+
+def generate_grid(config: GenerateConfig, backbone: Backbone | None = None, progress: bool = True):
+    """Sample ``n`` images per condition and write a labelled grid; returns (SampleOutput, path)."""
+    from tide.images import save_grid
+
+    backbone = backbone or config.load_backbone()
+    classes = list(range(backbone.num_conditions)) if config.classes is None else list(config.classes)
+    if config.n < 1:
+        raise TideError(f"n must be >= 1, got {config.n}")
+    conds = [c for c in classes for _ in range(config.n)]
+    seeds = [config.seed + i for i in range(len(conds))]
+    backbone.check_conditions(conds)
+    out = sample(backbone, conds, seeds, config, progress=progress)
+    names = backbone.condition_names
+    path = save_grid(out.images, config.out, nrow=config.n, row_labels=[names[c][:24] for c in classes])
+    return out, path

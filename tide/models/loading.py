@@ -4,6 +4,7 @@ transformer directory. Nothing here touches the network."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import diffusers
@@ -52,7 +53,7 @@ def _diffusers_class(name: str, what: str, path: Path):
 
 
 def load_backbone(spec: str | Path = DEFAULT_BACKBONE, *, prompts: str | Path | PromptBank | None = None,
-                  device: str | torch.device | None = "cpu", dtype: torch.dtype = torch.float32) -> Backbone:
+                  device: str | torch.device | None = "auto", dtype: torch.dtype = torch.float32) -> Backbone:
     """Load a backbone by embedded name or local directory.
 
     A pipeline directory (``model_index.json`` with ``transformer/``, ``scheduler/`` and optionally
@@ -107,3 +108,18 @@ def load_backbone(spec: str | Path = DEFAULT_BACKBONE, *, prompts: str | Path | 
 
 def _supported() -> str:
     return ", ".join(c.transformer_class.__name__ for c in FAMILIES.values())
+
+
+@dataclass
+class BackboneConfig:
+    """Which model to run, and where."""
+
+    backbone: str = DEFAULT_BACKBONE
+    """Embedded model name (fmnist-dit) or path to a local diffusers pipeline/transformer directory."""
+    prompts: str | None = None
+    """Prompt-embedding file (safetensors, `prompt_embeds` ...) for text-conditioned families."""
+    device: str = "auto"
+    """cpu, cuda[:N], or auto (the GPU when one is present)."""
+
+    def load_backbone(self) -> Backbone:
+        return load_backbone(self.backbone, prompts=self.prompts, device=self.device)

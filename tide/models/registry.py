@@ -7,8 +7,12 @@ from pathlib import Path
 from tide.errors import TideError
 from tide.models.base import Backbone
 from tide.models.dit import DiTBackbone
+from tide.models.flux import FluxBackbone
+from tide.models.pixart import PixArtBackbone
+from tide.models.sd3 import SD3Backbone
 
-FAMILIES: dict[str, type[Backbone]] = {cls.family: cls for cls in (DiTBackbone,)}
+FAMILIES: dict[str, type[Backbone]] = {
+    cls.family: cls for cls in (DiTBackbone, PixArtBackbone, SD3Backbone, FluxBackbone)}
 """Backbone adapters by family name."""
 
 

@@ -1,0 +1,102 @@
+"""The ``tide`` command line: one subcommand per stage, each driven by its config dataclass.
+
+Every subcommand takes ``--config file.yaml`` (keys = the dataclass fields) and a flag per field;
+flags override the YAML. Errors print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+from tide.config import add_arguments, from_args
+from tide.errors import TideError
+from tide.models.loading import BackboneConfig
+
+
+@dataclass
+class Command:
+    name: str
+    help: str
+    config_cls: type
+    run: Callable
+
+
+def _hooks(config: BackboneConfig) -> int:
+    from tide.hooks import HookedBackbone
+
+    backbone = config.load_backbone()
+    hooked = HookedBackbone.of(backbone)
+    shapes = hooked.hook_shapes()
+    print(f"# {backbone.family} backbone '{backbone.name}': {len(hooked.block_specs)} blocks, "
+          f"d_model={backbone.d_model}, {backbone.num_tokens} image tokens "
+          f"({backbone.patch_grid[0]}x{backbone.patch_grid[1]} patches)")
+    width = max(map(len, hooked.hook_names))
+    for name in hooked.hook_names:
+        spec = hooked.block_specs[int(name.split(".")[1])]
+        print(f"{name:<{width}}  {str(tuple(shapes[name])):<14}  {spec.kind}")
+    return 0
+
+
+def _sample(config) -> int:
+    import time
+
+    from tide.sampling import generate_grid
+
+    start = time.perf_counter()
+    out, path = generate_grid(config)
+    print(f"wrote {path} ({len(out.images)} samples in {time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def _demo(config) -> int:
+    from tide.demo import run_demo
+
+    summary = run_demo(config)
+    print(json.dumps(summary["artefacts"], indent=2))
+    return 0
+
+
+def commands() -> list[Command]:
+    from tide.demo import DemoConfig
+    from tide.sampling import GenerateConfig
+
+    return [
+        Command("hooks", "list every hook name of a backbone with its activation shape", BackboneConfig, _hooks),
+        Command("sample", "sample a grid of images, one row per class", GenerateConfig, _sample),
+        Command("demo", "run the whole pipeline end to end on the embedded model", DemoConfig, _demo),
+    ]
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
+    parser = argparse.ArgumentParser(prog="tide", description="Interpret diffusion transformers with timestep-aware sparse autoencoders.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    table = {}
+    for cmd in commands():
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        p.add_argument("--config", metavar="YAML", help="YAML file with the fields below; flags override it")
+        add_arguments(p, cmd.config_cls)
+        table[cmd.name] = cmd
+    return parser, table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, table = build_parser()
+    args = parser.parse_args(argv)
+    cmd = table[args.command]
+    try:
+        config = from_args(cmd.config_cls, args, args.config)
+        return cmd.run(config)
+    except TideError as exc:
+        print(f"tide {cmd.name}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tide {cmd.name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

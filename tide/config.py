@@ -1,0 +1,164 @@
+"""Config dataclasses <-> YAML <-> command-line flags.
+
+Every stage is driven by a dataclass whose fields carry a docstring (a string literal right after
+the field). The same dataclass is the Python API's argument, the YAML schema under ``configs/``
+and the CLI's flags: ``--num-steps 50`` sets ``num_steps``; ``--config file.yaml`` loads a YAML
+file first and flags override it. Unknown YAML keys are refused with the valid ones listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import textwrap
+import types
+import typing
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from tide.errors import TideError
+
+T = TypeVar("T")
+
+
+@lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a dataclass (and its dataclass bases), read from the source."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _resolved_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(inner type, optional?) for ``X | None`` / ``Optional[X]``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return (args[0] if len(args) == 1 else tp), True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    inner, optional = _base_type(tp)
+    if value is None:
+        if optional:
+            return None
+        raise TideError(f"config field {name!r} may not be empty")
+    if isinstance(value, str) and optional and value.lower() in ("none", "null", ""):
+        return None
+    origin = typing.get_origin(inner)
+    try:
+        if inner is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if inner in (int, float, str):
+            if inner is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return inner(value)
+        if origin in (list, tuple):
+            (elem, *_) = typing.get_args(inner) or (str,)
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v.strip()]
+            out = [_coerce(v, elem, name) for v in value]
+            return tuple(out) if origin is tuple else out
+        if dataclasses.is_dataclass(inner):
+            return from_dict(inner, value)
+    except (TypeError, ValueError):
+        raise TideError(f"config field {name!r}: cannot read {value!r} as {getattr(inner, '__name__', inner)}") from None
+    return value
+
+
+def from_dict(cls: type[T], data: dict | None) -> T:
+    """Build a config dataclass from a mapping, refusing unknown keys with the valid ones listed."""
+    data = dict(data or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise TideError(f"unknown {cls.__name__} key(s) {unknown}; valid keys: {sorted(fields)}")
+    hints = _resolved_types(cls)
+    return cls(**{k: _coerce(v, hints[k], k) for k, v in data.items()})
+
+
+def to_dict(config: Any) -> dict:
+    """A YAML/JSON-able dict of a config dataclass."""
+    def plain(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, Path):
+            return str(v)
+        return v
+    return plain(config)
+
+
+def load_yaml(cls: type[T], path: str | Path) -> T:
+    path = Path(path)
+    if not path.is_file():
+        raise TideError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise TideError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise TideError(f"config file {path} must hold a mapping of keys to values")
+    return from_dict(cls, data)
+
+
+def save_yaml(config: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--flag`` per field, help from the field docstring; defaults stay unset so YAML can fill them."""
+    docs = field_docs(cls)
+    hints = _resolved_types(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        inner, _ = _base_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        help_ = f"{docs.get(f.name, '')} (default: {default})"
+        if inner is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            metavar = "A,B,..." if typing.get_origin(inner) in (list, tuple) else f.name.upper()
+            parser.add_argument(flag, dest=f.name, default=None, metavar=metavar, help=help_)
+
+
+def from_args(cls: type[T], args: argparse.Namespace, yaml_path: str | Path | None = None) -> T:
+    """YAML file (if any) first, then every flag the user gave."""
+    data: dict = {}
+    if yaml_path:
+        data.update(dataclasses.asdict(load_yaml(cls, yaml_path)))
+    for f in dataclasses.fields(cls):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            data[f.name] = value
+    return from_dict(cls, data)

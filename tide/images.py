@@ -1,0 +1,67 @@
+"""Image grids: tensors in [0, 1] to PNG files, optionally with a label per row."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from einops import rearrange
+
+
+def to_uint8(images_BCHW: torch.Tensor) -> np.ndarray:
+    """(B, H, W, C) uint8 from (B, C, H, W) floats in [0, 1]; grey images get 3 channels."""
+    x = images_BCHW.detach().float().clamp(0, 1).cpu()
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return (rearrange(x, "b c h w -> b h w c") * 255).round().to(torch.uint8).numpy()
+
+
+def image_grid(images_BCHW: torch.Tensor, nrow: int, pad: int = 1, scale: int = 1) -> np.ndarray:
+    """A (rows*H, nrow*W, 3) uint8 grid, row-major, padded with white, upscaled ``scale``× (nearest)."""
+    imgs = to_uint8(images_BCHW)
+    if scale > 1:
+        imgs = imgs.repeat(scale, axis=1).repeat(scale, axis=2)
+    b = imgs.shape[0]
+    rows = -(-b // nrow)
+    blank = np.full((rows * nrow - b, *imgs.shape[1:]), 255, np.uint8)
+    imgs = np.concatenate([imgs, blank])
+    imgs = np.pad(imgs, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=255)
+    return rearrange(imgs, "(r n) h w c -> (r h) (n w) c", n=nrow)
+
+
+def save_grid(images_BCHW: torch.Tensor, path: str | Path, nrow: int,
+              row_labels: Sequence[str] | None = None, title: str | None = None, scale: int = 4) -> Path:
+    """Write a PNG grid; with ``row_labels`` (one per row) or a title it is drawn with matplotlib."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid = image_grid(images_BCHW, nrow, scale=scale)
+    if row_labels is None and title is None:
+        from PIL import Image
+
+        Image.fromarray(grid).save(path)
+        return path
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h, w = grid.shape[:2]
+    fig, ax = plt.subplots(figsize=(w / 100 + (1.6 if row_labels else 0.2), h / 100 + (0.5 if title else 0.2)), dpi=100)
+    ax.imshow(grid, interpolation="nearest")
+    ax.set_xticks([])
+    if row_labels:
+        rows = len(row_labels)
+        ax.set_yticks([(i + 0.5) * h / rows for i in range(rows)], labels=list(row_labels))
+        ax.tick_params(length=0)
+    else:
+        ax.set_yticks([])
+    for side in ax.spines.values():
+        side.set_visible(False)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,56 @@
+"""PixArt-α/Σ (Chen et al.): text via cross-attention, adaLN-single blocks — ``PixArtTransformer2DModel``.
+
+Blocks: ``transformer.transformer_blocks`` (``BasicTransformerBlock``, one image stream), numbered
+``blocks.0..N-1``. Conditions index a prompt bank with ``prompt_embeds`` (P, L, caption_channels)
+and, optionally, ``prompt_attention_mask`` (P, L).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDIMScheduler, PixArtTransformer2DModel
+
+from tide.models.base import BlockSpec
+from tide.models.text import TextBackbone
+
+
+class PixArtBackbone(TextBackbone):
+    family = "pixart"
+    transformer_class = PixArtTransformer2DModel
+    prompt_keys = {"prompt_embeds": "encoder_hidden_states"}
+    optional_prompt_keys = {"prompt_attention_mask": "encoder_attention_mask"}
+
+    @staticmethod
+    def default_scheduler():
+        # PixArt is trained with the linear DDPM schedule (DDIM's default betas); clip_sample ruins CFG.
+        return DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
+
+    def latent_shape(self):
+        cfg = self.transformer.config
+        return (int(cfg.in_channels), *self.latent_hw(int(cfg.sample_size)))
+
+    def blocks(self):
+        return [BlockSpec(i, b, type(b).__name__, joint=False)
+                for i, b in enumerate(self.transformer.transformer_blocks)]
+
+    def prompt_dims(self):
+        cfg = self.transformer.config
+        return {"prompt_embeds": int(cfg.caption_channels or cfg.cross_attention_dim)}
+
+    def denoise(self, latents_BCHW, t, cond):
+        b, c, h, w = latents_BCHW.shape
+        device = latents_BCHW.device
+        t_B = torch.as_tensor(t, device=device).reshape(-1).expand(b)
+        # micro-conditions (PixArt-α 1024px): image size in pixels and aspect ratio, as the pipeline passes
+        added = {"resolution": None, "aspect_ratio": None}
+        if self.transformer.use_additional_conditions:
+            s = self.vae_scale_factor
+            added = {
+                "resolution": torch.tensor([[h * s, w * s]], dtype=self.dtype, device=device).repeat(b, 1),
+                "aspect_ratio": torch.tensor([[h / w]], dtype=self.dtype, device=device).repeat(b, 1),
+            }
+        out = self.transformer(latents_BCHW, encoder_hidden_states=cond["encoder_hidden_states"],
+                               encoder_attention_mask=cond.get("encoder_attention_mask"), timestep=t_B,
+                               added_cond_kwargs=added, return_dict=False)[0]
+        # PixArt checkpoints predict [noise, learned variance]: keep the noise
+        return out[:, :c] if out.shape[1] == 2 * c else out
