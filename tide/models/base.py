@@ -146,7 +146,7 @@ class Backbone(nn.Module, abc.ABC):
             raise TideError(
                 f"the {self.family} backbone is text-conditioned and needs prompt embeddings: pass a "
                 "prompt-embedding file (safetensors with `prompt_embeds`) as `prompts=`/--prompts")
-        bad = [c for c in conds if c != NULL_CONDITION and not 0 <= int(c) < n]
+        bad = sorted({int(c) for c in conds if c != NULL_CONDITION and not 0 <= int(c) < n})
         if bad:
             what = "prompt" if self.text_conditioned else "class"
             raise TideError(f"unknown {what} id(s) {bad}: valid ids are 0..{n - 1} "
