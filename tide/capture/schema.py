@@ -1,0 +1,73 @@
+"""The activation dataset format (docs/FORMAT.md): names, constants and atomic file helpers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+SCHEMA = "tide.activations"
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+PROGRESS_DIR = "progress"
+STATS_FILE = "stats.h5"
+TMP_SUFFIX = ".tmp"
+FP16_MAX = 65504.0
+
+ACTS_GROUP = "acts"
+"""HDF5 group holding one (rows, d_model) dataset per hook."""
+META_COLUMNS = {
+    "timestep": "float32",
+    "step_index": "int16",
+    "sample_id": "int32",
+    "token": "int16",
+    "cond": "int32",
+    "cfg_branch": "int8",
+}
+"""Per-row metadata datasets at the shard root, with their dtypes."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.h5"
+
+
+def progress_name(rank: int) -> str:
+    return f"{PROGRESS_DIR}/rank-{rank}.json"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_dir(path: str | Path) -> None:
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so a reader sees the old file or the new one, never a partial one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
+
+
+def canonical_hash(obj) -> str:
+    """SHA-256 of the canonical JSON form of ``obj``."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
