@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -22,3 +25,20 @@ def tiny_dit(device) -> DiTBackbone:
     """A 3-block, 4-class DiT on 8x8 single-channel images (16 tokens of width 16), randomly initialised."""
     torch.manual_seed(0)
     return DiTBackbone.from_config(TINY_DIT).to(device)
+
+
+def save_tiny_dit_dir(path: Path) -> Path:
+    """The tiny DiT (seed 0) saved as a diffusers pipeline directory: model_index.json, transformer/, scheduler/."""
+    torch.manual_seed(0)
+    backbone = DiTBackbone.from_config(TINY_DIT)
+    backbone.transformer.save_pretrained(path / "transformer")
+    backbone.scheduler.save_pretrained(path / "scheduler")
+    (path / "model_index.json").write_text(json.dumps({
+        "_class_name": "DiTPipeline", "transformer": ["diffusers", "DiTTransformer2DModel"],
+        "scheduler": ["diffusers", "DDIMScheduler"]}))
+    return path
+
+
+@pytest.fixture
+def tiny_dit_dir(tmp_path) -> Path:
+    return save_tiny_dit_dir(tmp_path / "tiny-dit")

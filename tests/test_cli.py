@@ -5,27 +5,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from tide.cli import main
-from tide.models.dit import DiTBackbone
-from diffusers import DiTPipeline
-
-from conftest import TINY_DIT
-
-
-@pytest.fixture
-def tiny_dit_dir(tmp_path):
-    """A tiny DiT saved as a diffusers transformer directory, with its scheduler as a pipeline would have it."""
-    torch.manual_seed(0)
-    backbone = DiTBackbone.from_config(TINY_DIT)
-    path = tmp_path / "tiny-dit"
-    backbone.transformer.save_pretrained(path / "transformer")
-    backbone.scheduler.save_pretrained(path / "scheduler")
-    (path / "model_index.json").write_text(json.dumps({
-        "_class_name": DiTPipeline.__name__, "transformer": ["diffusers", "DiTTransformer2DModel"],
-        "scheduler": ["diffusers", "DDIMScheduler"]}))
-    return path
 
 
 def test_hooks_lists_every_name_with_its_shape(tiny_dit_dir, capsys):

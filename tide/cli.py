@@ -52,6 +52,17 @@ def _sample(config) -> int:
     return 0
 
 
+def _capture(config) -> int:
+    from tide.capture import capture
+
+    manifest = capture(config)
+    rank = int(__import__("os").environ.get("RANK", "0"))
+    if rank == 0:
+        print(f"captured {manifest['total_rows']:,} rows in {len(manifest['shards'])} shards -> {config.out} "
+              f"(complete: {manifest['complete']})")
+    return 0
+
+
 def _demo(config) -> int:
     from tide.demo import run_demo
 
@@ -61,12 +72,14 @@ def _demo(config) -> int:
 
 
 def commands() -> list[Command]:
+    from tide.capture import CaptureConfig
     from tide.demo import DemoConfig
     from tide.sampling import GenerateConfig
 
     return [
         Command("hooks", "list every hook name of a backbone with its activation shape", BackboneConfig, _hooks),
         Command("sample", "sample a grid of images, one row per class", GenerateConfig, _sample),
+        Command("capture", "record activations at every denoising step into HDF5 shards", CaptureConfig, _capture),
         Command("demo", "run the whole pipeline end to end on the embedded model", DemoConfig, _demo),
     ]
 

@@ -134,8 +134,12 @@ def sample(
     interventions: Sequence[Intervention] = (),
     progress: bool = False,
     decode: bool = True,
+    sample_ids: Sequence[int] | None = None,
 ) -> SampleOutput:
-    """Generate one sample per condition id, sample ``i`` seeded with ``seeds[i]`` (default: i)."""
+    """Generate one sample per condition id, sample ``i`` seeded with ``seeds[i]`` (default: i).
+
+    ``sample_ids`` label the rows in the step context hooks read (default: 0..B-1).
+    """
     config = config or SamplerConfig()
     backbone = model.backbone if isinstance(model, HookedBackbone) else model
     conds = [int(c) for c in conds]
@@ -144,6 +148,7 @@ def sample(
         raise TideError(f"got {len(conds)} conditions but {len(seeds)} seeds: give one seed per sample")
     if not conds:
         raise TideError("nothing to sample: give at least one condition id")
+    sample_ids = list(range(len(conds))) if sample_ids is None else [int(i) for i in sample_ids]
     backbone.check_conditions(conds)
     hooked = HookedBackbone.of(backbone) if interventions else None
     if hooked is not None:
@@ -156,7 +161,7 @@ def sample(
     for start in starts:
         c = conds[start:start + config.batch_size]
         s = seeds[start:start + config.batch_size]
-        x = _denoise_batch(backbone, hooked, c, s, list(range(start, start + len(c))), config, interventions, bar)
+        x = _denoise_batch(backbone, hooked, c, s, sample_ids[start:start + len(c)], config, interventions, bar)
         latents.append(x.float().cpu())
         if decode:
             images.append(backbone.decode(x).cpu())

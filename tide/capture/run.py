@@ -119,7 +119,8 @@ def parse_record_steps(spec: str, num_steps: int) -> list[int]:
 
 def backbone_hash(backbone: Backbone) -> str:
     """SHA-256 over the transformer's config and weights: identifies the model a dataset came from."""
-    h = hashlib.sha256(json.dumps(dict(backbone.transformer.config), sort_keys=True, default=str).encode())
+    config = {k: v for k, v in dict(backbone.transformer.config).items() if not k.startswith("_")}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(backbone.transformer.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
@@ -130,8 +131,10 @@ class Recorder:
     """The hook functions of one shard: select rows and tokens, hand aligned chunks to the writer."""
 
     def __init__(self, config: CaptureConfig, hooks: list[str], num_tokens: int, record_steps: list[int],
-                 writer: ShardWriter, shard: int, on_rows=None):
+                 writer: ShardWriter, shard: int, sample_conds: dict[int, int], on_rows=None):
         self.config, self.hooks, self.writer, self.shard = config, hooks, writer, shard
+        self.sample_conds = sample_conds
+        """sample id -> its condition (stored for both CFG branches; `cfg_branch` says what the model saw)"""
         self.num_tokens = num_tokens
         self.keep = max(1, round(num_tokens * config.token_fraction))
         self.record_steps = set(record_steps)
@@ -187,7 +190,7 @@ class Recorder:
             "step_index": np.full(n * k, ctx.step_index, np.int16),
             "sample_id": rep(ctx.sample_ids_B[rows].numpy()).astype(np.int32),
             "token": tokens.reshape(-1).numpy().astype(np.int16),
-            "cond": rep(ctx.conds_B[rows].numpy()).astype(np.int32),
+            "cond": rep([self.sample_conds[int(i)] for i in ctx.sample_ids_B[rows]]).astype(np.int32),
             "cfg_branch": rep(ctx.cfg_branch_B[rows].numpy()).astype(np.int8),
         }
 
@@ -343,9 +346,10 @@ def capture(config: CaptureConfig, backbone: Backbone | None = None, progress: b
         for s in mine:
             first = s * config.samples_per_shard
             ids = list(range(first, min(first + config.samples_per_shard, config.num_samples)))
-            recorder = Recorder(config, hooks, backbone.num_tokens, record_steps, writer, s, on_rows)
-            sample(hooked, [conds_all[i % len(conds_all)] for i in ids], [config.seed + i for i in ids], sampler,
-                   interventions=recorder.interventions(), decode=False)
+            conds = {i: conds_all[i % len(conds_all)] for i in ids}
+            recorder = Recorder(config, hooks, backbone.num_tokens, record_steps, writer, s, conds, on_rows)
+            sample(hooked, list(conds.values()), [config.seed + i for i in ids], sampler,
+                   interventions=recorder.interventions(), decode=False, sample_ids=ids)
             writer.put(ShardDone(s, first, len(ids)))
     finally:
         writer.close()

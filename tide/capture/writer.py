@@ -95,6 +95,8 @@ class ShardWriter:
         self._raise_if_failed()
 
     def _raise_if_failed(self) -> None:
+        if isinstance(self.error, TideError):
+            raise self.error
         if self.error is not None:
             raise TideError(f"writing shards to {self.out} failed: {self.error}") from self.error
 
@@ -136,6 +138,21 @@ class ShardWriter:
         tmp = self.out / (name + TMP_SUFFIX)
         rows = sum(len(c.meta["sample_id"]) for c in chunks)
         dtypes = {}
+        try:
+            self._write_file(tmp, done, chunks, hooks, rows, dtypes)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, final)
+        fsync_dir(self.out)
+        size = final.stat().st_size
+        self.bytes_written += size
+        self.rows_written += rows
+        self.on_shard(ShardRecord(done.shard, name, rows, size, sha256_file(final), done.first_sample,
+                                  done.num_samples, self.rank, dtypes))
+
+    def _write_file(self, tmp: Path, done: ShardDone, chunks: list[StepChunk], hooks: list[str], rows: int,
+                    dtypes: dict[str, str]) -> None:
         with h5py.File(tmp, "w", libver="latest", track_order=True) as f:
             f.attrs.update({"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "shard_index": done.shard,
                             "first_sample": done.first_sample, "num_samples": done.num_samples, "rows": rows,
@@ -152,10 +169,3 @@ class ShardWriter:
             f.flush()
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, final)
-        fsync_dir(self.out)
-        size = final.stat().st_size
-        self.bytes_written += size
-        self.rows_written += rows
-        self.on_shard(ShardRecord(done.shard, name, rows, size, sha256_file(final), done.first_sample,
-                                  done.num_samples, self.rank, dtypes))
