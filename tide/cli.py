@@ -63,6 +63,33 @@ def _capture(config) -> int:
     return 0
 
 
+@dataclass
+class DataConfig:
+    """`tide data info|verify DIR`: summarise or check a captured dataset."""
+
+    dir: str = ""
+    """Dataset directory (with manifest.json)."""
+    hashes: bool = True
+    """verify: recompute every shard's SHA-256."""
+    scan: bool = True
+    """verify: scan every activation for NaN/inf."""
+
+
+def _data(action: str):
+    def run(config: DataConfig) -> int:
+        from tide.data import ActivationStore
+
+        if not config.dir:
+            raise TideError("give the dataset directory: tide data info DIR")
+        if action == "info":
+            print(ActivationStore(config.dir).format_info())
+            return 0
+        report = ActivationStore(config.dir, strict=False).verify(check_hashes=config.hashes, scan=config.scan)
+        print(report.format())
+        return 0 if report.ok else 1
+    return run
+
+
 def _demo(config) -> int:
     from tide.demo import run_demo
 
@@ -93,13 +120,25 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         p.add_argument("--config", metavar="YAML", help="YAML file with the fields below; flags override it")
         add_arguments(p, cmd.config_cls)
         table[cmd.name] = cmd
+    data = sub.add_parser("data", help="inspect captured datasets: info, verify").add_subparsers(
+        dest="action", metavar="ACTION", required=True)
+    for action, help_ in (("info", "summarise a dataset"), ("verify", "check schema, row counts, checksums, NaN/inf")):
+        p = data.add_parser(action, help=help_, description=help_)
+        p.add_argument("dir", metavar="DIR", help="dataset directory")
+        p.add_argument("--config", help=argparse.SUPPRESS)
+        if action == "verify":
+            p.add_argument("--hashes", action=argparse.BooleanOptionalAction, default=None,
+                           help="recompute every shard's SHA-256 (default: on)")
+            p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=None,
+                           help="scan every activation for NaN/inf (default: on)")
+        table[f"data {action}"] = Command(f"data {action}", help_, DataConfig, _data(action))
     return parser, table
 
 
 def main(argv: list[str] | None = None) -> int:
     parser, table = build_parser()
     args = parser.parse_args(argv)
-    cmd = table[args.command]
+    cmd = table[args.command if args.command != "data" else f"data {args.action}"]
     try:
         config = from_args(cmd.config_cls, args, args.config)
         return cmd.run(config)

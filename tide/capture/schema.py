@@ -7,8 +7,12 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+
 SCHEMA = "tide.activations"
+"""The ``schema`` value of every manifest and shard."""
 SCHEMA_VERSION = 1
+"""The ``schema_version`` written (and understood) by this version of tide."""
 MANIFEST = "manifest.json"
 PROGRESS_DIR = "progress"
 STATS_FILE = "stats.h5"
@@ -17,15 +21,24 @@ FP16_MAX = 65504.0
 
 ACTS_GROUP = "acts"
 """HDF5 group holding one (rows, d_model) dataset per hook."""
-META_COLUMNS = {
-    "timestep": "float32",
-    "step_index": "int16",
-    "sample_id": "int32",
-    "token": "int16",
-    "cond": "int32",
-    "cfg_branch": "int8",
+ACTS_DTYPES = (np.dtype("float16"), np.dtype("float32"))
+"""Storage dtypes an activation dataset may have."""
+META_COLUMNS: dict[str, np.dtype] = {
+    "timestep": np.dtype("float32"),
+    "step_index": np.dtype("int16"),
+    "sample_id": np.dtype("int32"),
+    "token": np.dtype("int16"),
+    "cond": np.dtype("int32"),
+    "cfg_branch": np.dtype("int8"),
 }
 """Per-row metadata datasets at the shard root, with their dtypes."""
+BRANCHES = {"cond": 0, "uncond": 1}
+"""``cfg_branch`` values: the conditional and the unconditional (null-condition) half."""
+
+
+def dtype_attr(hook: str) -> str:
+    """Root attribute holding the storage dtype actually used for ``hook`` in a shard."""
+    return f"dtype/{hook}"
 
 
 def shard_name(index: int) -> str:

@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from tide.capture.schema import (ACTS_GROUP, FP16_MAX, META_COLUMNS, SCHEMA, SCHEMA_VERSION, TMP_SUFFIX,
-                                 fsync_dir, sha256_file, shard_name)
+                                 dtype_attr, fsync_dir, sha256_file, shard_name)
 from tide.errors import TideError
 
 
@@ -162,7 +162,7 @@ class ShardWriter:
                 data = self._storage(hook, np.concatenate([c.acts[hook] for c in chunks]))
                 group.create_dataset(hook, data=data, track_times=False)
                 dtypes[hook] = str(data.dtype)
-                f.attrs[f"dtype/{hook}"] = str(data.dtype)
+                f.attrs[dtype_attr(hook)] = str(data.dtype)
             for column, dt in META_COLUMNS.items():
                 f.create_dataset(column, data=np.concatenate([c.meta[column] for c in chunks]).astype(dt),
                                  track_times=False)

@@ -16,7 +16,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 
-from tide.data.schema import BRANCHES, META_COLUMNS
+from tide.capture.schema import BRANCHES, META_COLUMNS
 from tide.data.store import ActivationStore
 from tide.errors import TideError
 
@@ -100,6 +100,7 @@ class LoaderConfig:
     def mask(self, meta: dict[str, np.ndarray]) -> np.ndarray | None:
         """Rows that pass the filters (None = all of them)."""
         keep = None
+
         def both(a, b):
             return b if a is None else a & b
         if self.t_min is not None:
@@ -125,6 +126,14 @@ class Batch(NamedTuple):
     meta: dict[str, torch.Tensor] | None
     """{column: values_B} (int64; timestep float32) when ``with_metadata``, else None."""
 
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        """The batch on ``device``."""
+        def move(x):
+            return x.to(device, non_blocking=non_blocking)
+        acts = {h: move(a) for h, a in self.acts.items()} if isinstance(self.acts, dict) else move(self.acts)
+        meta = None if self.meta is None else {c: move(v) for c, v in self.meta.items()}
+        return Batch(acts, move(self.t_B), meta)
+
 
 class Block(NamedTuple):
     """Rows ``[start, stop)`` of the shard at position ``shard`` of the store; ``rows`` pass the filters."""
@@ -143,8 +152,7 @@ class ShuffleBuffer:
         self.acts = {h: np.empty((capacity, w), dtype=dt) for h, (w, dt) in widths.items()}
         self.cols = {c: np.empty(capacity, dtype=dt) for c, dt in columns.items()}
         self.n = 0
-        self.peak = 0
-        """Most rows held at once."""
+        self.peak = 0  # most rows held at once
 
     def add(self, acts: dict[str, np.ndarray], cols: dict[str, np.ndarray]) -> None:
         k = len(next(iter(cols.values())))
@@ -194,7 +202,7 @@ class ActivationLoader:
         self.hooks = self.store.check_hooks(config.hooks)
         dtypes = self.store.storage_dtypes()
         widths = {h: (self.store.hooks[h], dtypes[h]) for h in self.hooks}
-        self.columns = ["timestep", *(c for c in META_COLUMNS if c != "timestep")] if config.with_metadata else ["timestep"]
+        self.columns = list(META_COLUMNS) if config.with_metadata else ["timestep"]
         col_dtypes = {c: META_COLUMNS[c] for c in self.columns}
         if config.with_metadata:
             col_dtypes.update({c: np.dtype("int64") for c in EXTRA_COLUMNS})

@@ -20,8 +20,8 @@ from typing import Iterator, NamedTuple, Sequence
 import h5py
 import numpy as np
 
-from tide.data.schema import (
-    ACTS_DTYPES, ACTS_GROUP, BRANCHES, MANIFEST_NAME, META_COLUMNS, SCHEMA, SCHEMA_VERSION, STATS_NAME,
+from tide.capture.schema import (
+    ACTS_DTYPES, ACTS_GROUP, BRANCHES, MANIFEST, META_COLUMNS, SCHEMA, SCHEMA_VERSION, STATS_FILE,
     dtype_attr,
 )
 from tide.errors import TideError
@@ -167,10 +167,10 @@ class ActivationStore:
         self.path = Path(path)
         if not self.path.is_dir():
             raise TideError(f"activation dataset {self.path} is not a directory; "
-                            f"pass the directory `tide capture` wrote (it holds {MANIFEST_NAME})")
-        manifest_path = self.path / MANIFEST_NAME
+                            f"pass the directory `tide capture` wrote (it holds {MANIFEST})")
+        manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
-            raise TideError(f"{self.path} has no {MANIFEST_NAME}; it is not a captured activation dataset, "
+            raise TideError(f"{self.path} has no {MANIFEST}; it is not a captured activation dataset, "
                             f"or its capture has not finished a shard yet (run `tide capture` to write one)")
         raw = manifest_path.read_bytes()
         try:
@@ -232,7 +232,8 @@ class ActivationStore:
         return self.rows
 
     def __repr__(self) -> str:
-        return f"ActivationStore({str(self.path)!r}, hooks={list(self.hooks)}, rows={self.rows}, shards={len(self.shards)})"
+        return (f"ActivationStore({str(self.path)!r}, hooks={list(self.hooks)}, rows={self.rows}, "
+                f"shards={len(self.shards)})")
 
     @property
     def recorded_steps(self) -> list[int]:
@@ -240,12 +241,15 @@ class ActivationStore:
 
     @property
     def recorded_timesteps(self) -> list[float]:
-        """Scheduler timestep of each recorded step, from the manifest's schedule."""
+        """Scheduler timestep of each recorded step, from the manifest's schedule.
+
+        ``schedule.timesteps`` is the full schedule (``num_steps`` values) indexed by step; a list as
+        long as ``recorded_steps`` is read as the recorded steps' timesteps already.
+        """
         schedule = self.manifest.get("schedule", {})
         timesteps = [float(t) for t in schedule.get("timesteps", [])]
         steps = self.recorded_steps
-        if timesteps and steps and all(0 <= s < len(timesteps) for s in steps) and (
-                len(timesteps) == schedule.get("num_steps", len(timesteps)) or len(timesteps) != len(steps)):
+        if len(timesteps) == schedule.get("num_steps") and all(0 <= s < len(timesteps) for s in steps):
             return [timesteps[s] for s in steps]
         return timesteps
 
@@ -569,7 +573,8 @@ class ActivationStore:
                  f"  backbone     {i['backbone']['name']} ({i['backbone']['family']})",
                  f"  rows         {i['rows']:,} in {i['shards']} shards, {size(i['bytes'])} on disk"
                  + (f", {i['shards_missing']} shard file(s) MISSING" if i["shards_missing"] else ""),
-                 f"  samples      {i['samples_done']}" + (f" of {i['samples']}" if i["samples"] != i["samples_done"] else "")]
+                 f"  samples      {i['samples_done']}"
+                 + (f" of {i['samples']}" if i["samples"] != i["samples_done"] else "")]
         conds = i["conditions"]
         if conds:
             shown = ", ".join(map(str, conds[:8])) + (f", ... ({len(conds)} in all)" if len(conds) > 8 else "")
@@ -636,12 +641,13 @@ class ActivationStore:
                              count_T, np.stack([sums[s] for s in steps]), np.array([sumsq[s] for s in steps]))
 
     def _read_stats_cache(self) -> dict[str, TimestepStats]:
-        path = self.path / STATS_NAME
+        path = self.path / STATS_FILE
         if not path.is_file():
             return {}
         try:
             with h5py.File(path, "r") as f:
-                if (f.attrs.get("manifest_sha256") != self.manifest_sha256 or int(f.attrs.get("total_rows", -1)) != self.rows
+                if (f.attrs.get("manifest_sha256") != self.manifest_sha256
+                        or int(f.attrs.get("total_rows", -1)) != self.rows
                         or int(f.attrs.get("stats_version", -1)) != STATS_VERSION):
                     return {}
                 out = {}
@@ -656,8 +662,8 @@ class ActivationStore:
     def _write_stats_cache(self, result: TimestepStats) -> None:
         entries = self._read_stats_cache()
         entries[result.hook] = result
-        final = self.path / STATS_NAME
-        tmp = self.path / f"{STATS_NAME}.{os.getpid()}.tmp"
+        final = self.path / STATS_FILE
+        tmp = self.path / f"{STATS_FILE}.{os.getpid()}.tmp"
         try:
             with h5py.File(tmp, "w") as f:
                 f.attrs["manifest_sha256"] = self.manifest_sha256
