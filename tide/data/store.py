@@ -283,6 +283,10 @@ class ActivationStore:
         shard = self.shards[i]
         if not shard.path.is_file():
             raise TideError(f"dataset {self.path}: shard {shard.file} is missing; restore it or recapture the dataset")
+        size = shard.path.stat().st_size
+        if size != shard.bytes:
+            raise TideError(f"dataset {self.path}: shard {shard.file} is {size} bytes, the manifest says {shard.bytes} "
+                            f"({'truncated' if size < shard.bytes else 'changed'}); run `tide data verify {self.path}`")
         try:
             handle = h5py.File(shard.path, "r")
         except OSError as exc:
