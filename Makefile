@@ -6,7 +6,17 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.tide-installed
 
-.PHONY: setup demo test clean
+.PHONY: setup system-deps demo test clean
+
+# Debian packages the project reads at run time: the real labelled data behind the embedded model.
+FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+$(FMNIST):
+	$(SUDO) apt-get install -y --no-install-recommends dataset-fashion-mnist \
+	  || ($(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends dataset-fashion-mnist)
+
+system-deps: $(FMNIST)
 
 $(STAMP): pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +26,7 @@ $(STAMP): pyproject.toml requirements.txt
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-setup: $(STAMP)
+setup: system-deps $(STAMP)
 
 demo: setup
 	$(BIN)/tide demo --out runs/demo
