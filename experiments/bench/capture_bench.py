@@ -100,18 +100,20 @@ def bench_write(mb: int, repeats: int, work: Path) -> dict:
 
 
 LOADER_PROBE = r"""
-import json, resource, sys, time
+import json, sys, time
 from tide.data import ActivationStore, ActivationLoader, LoaderConfig
+def vm(key):  # this process's own peak (VmHWM) or current (VmRSS) resident set, MB
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key)) / 1024
 store = ActivationStore(sys.argv[1])
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = vm("VmHWM")
 loader = ActivationLoader(store, LoaderConfig(batch_size=4096, shuffle_buffer=int(sys.argv[2]), seed=0))
 n, t0 = 0, time.perf_counter()
 for batch in loader:
     n += batch.acts.shape[0]
 dt = time.perf_counter() - t0
 print(json.dumps({"vectors": n, "seconds": dt, "vectors_per_s": n / dt,
-                  "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "rss_before_loading_MB": base / 1024}))
+                  "peak_rss_MB": vm("VmHWM"), "rss_before_loading_MB": base,
+                  "peak_rss_growth_MB": vm("VmHWM") - base}))
 """
 
 
