@@ -1,0 +1,62 @@
+"""SAE configuration: one dataclass, saved beside the weights as cfg.json."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SPARSITIES = ("topk", "batchtopk", "relu", "jumprelu")
+CONDITIONINGS = ("none", "tide", "bucket")
+NORMALIZATIONS = ("none", "global", "per_timestep")
+
+
+@dataclass
+class SAEConfig:
+    """Architecture of a (timestep-conditioned) sparse autoencoder."""
+
+    d_in: int = 128
+    """Width of the activations (the hook's d_model)."""
+    d_sae: int = 4096
+    """Dictionary size (number of latents)."""
+    sparsity: str = "topk"
+    """topk | batchtopk (top k*batch over the batch; a learned threshold at inference) | relu (ReLU + L1) | jumprelu."""
+    k: int = 32
+    """Active latents per row for topk / batchtopk."""
+    l1_coefficient: float = 5.0
+    """relu: weight of the L1 penalty sum_i |z_i| * ||W_dec_i|| (on normalised inputs)."""
+    l0_coefficient: float = 1e-3
+    """jumprelu: weight of the L0 penalty (straight-through estimator)."""
+    jumprelu_init_threshold: float = 0.001
+    """jumprelu: initial threshold of every latent."""
+    jumprelu_bandwidth: float = 0.001
+    """jumprelu: width of the rectangle kernel of the straight-through gradient."""
+    conditioning: str = "none"
+    """none (plain SAE) | tide (timestep modulates input and output, adaLN-Zero style) | bucket (one SAE per timestep range)."""
+    num_buckets: int = 4
+    """bucket: number of equal timestep ranges over [0, t_max]."""
+    t_max: float = 1000.0
+    """Largest timestep value (DDPM: 1000; flow matching: 1000)."""
+    t_embed_dim: int = 64
+    """tide: sinusoidal timestep-embedding width."""
+    t_hidden: int = 128
+    """tide: hidden width of the modulation MLP."""
+    normalization: str = "global"
+    """none | global (dataset mean and scale) | per_timestep (mean and scale at each recorded timestep)."""
+    hook: str = ""
+    """Hook the SAE reads (provenance; checked against the data and at splice time)."""
+    backbone: str = ""
+    """Backbone name the activations came from (provenance)."""
+
+    def validate(self) -> "SAEConfig":
+        from tide.errors import TideError
+
+        for name, value, allowed in (("sparsity", self.sparsity, SPARSITIES), ("conditioning", self.conditioning, CONDITIONINGS),
+                                     ("normalization", self.normalization, NORMALIZATIONS)):
+            if value not in allowed:
+                raise TideError(f"SAE {name} {value!r} is not one of {list(allowed)}")
+        if self.d_in < 1 or self.d_sae < 1:
+            raise TideError(f"d_in and d_sae must be positive, got {self.d_in} and {self.d_sae}")
+        if self.sparsity in ("topk", "batchtopk") and not 0 < self.k <= self.d_sae:
+            raise TideError(f"k must lie in 1..d_sae={self.d_sae}, got {self.k}")
+        if self.conditioning == "bucket" and self.num_buckets < 1:
+            raise TideError("num_buckets must be >= 1")
+        return self

@@ -1,0 +1,212 @@
+"""The sparse autoencoder: plain, TIDE-modulated, or one per timestep bucket.
+
+With input normalisation x_n = (x - mu_t) / sigma_t and, for TIDE, (s, h) = MLP(emb(t)):
+
+    x~  = x_n * (1 + s) + h
+    z   = sparsity(W_enc (x~ - b_dec) + b_enc)
+    x^_n = (W_dec^T z + b_dec - h) / (1 + s)
+    x^  = x^_n * sigma_t + mu_t
+
+The decoder directions are shared across t, so a latent means the same thing at every timestep.
+Every map above is affine in x at a fixed t, so :meth:`SAE.fold` turns the model at t into an
+exactly equivalent plain SAE on raw activations (normalisation included).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from tide.errors import TideError
+from tide.sae import sparsity as sp
+from tide.sae.config import SAEConfig
+from tide.sae.kernels import sparse_decode
+from tide.sae.timestep import TimestepModulation, bucket_index
+
+
+class ForwardOutput(NamedTuple):
+    x_hat_BD: torch.Tensor
+    """Reconstruction in the input's (raw) space."""
+    x_hat_n_BD: torch.Tensor
+    """Reconstruction in normalised space (what the loss compares)."""
+    x_n_BD: torch.Tensor
+    """Normalised input (the training target)."""
+    latents: sp.Latents
+    """Active latents."""
+    pre_BF: torch.Tensor
+    """Pre-activations (AuxK reuses them for the dead latents)."""
+    penalty: torch.Tensor
+    """Sparsity penalty (L1 for relu, L0 for jumprelu; 0 otherwise), already weighted."""
+    out_scale_BD: torch.Tensor | None
+    """TIDE: 1 + scale(t), the divisor of the decoder output (AuxK decodes through it); None otherwise."""
+
+
+class SAE(nn.Module):
+    """A sparse autoencoder over (x, t) rows; ``forward(x_BD, t_B)``."""
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        n = cfg.num_buckets if cfg.conditioning == "bucket" else 1
+        d, f = cfg.d_in, cfg.d_sae
+        w_dec = torch.randn(n, f, d)
+        w_dec /= w_dec.norm(dim=-1, keepdim=True)
+        self.W_dec = nn.Parameter(w_dec)           # (N, F, D), unit-norm rows
+        self.W_enc = nn.Parameter(w_dec.clone())   # (N, F, D), tied at init
+        self.b_enc = nn.Parameter(torch.zeros(n, f))
+        self.b_dec = nn.Parameter(torch.zeros(n, d))
+        self.modulation = TimestepModulation(d, cfg.t_embed_dim, cfg.t_hidden) if cfg.conditioning == "tide" else None
+        if cfg.sparsity == "jumprelu":
+            self.log_threshold = nn.Parameter(torch.full((n, f), float(torch.tensor(cfg.jumprelu_init_threshold).log())))
+        if cfg.sparsity == "batchtopk":
+            self.register_buffer("threshold", torch.zeros(n))
+            self.register_buffer("threshold_steps", torch.zeros(n, dtype=torch.long))
+        # normalisation table: rows = recorded timesteps (one row for global / none)
+        self.register_buffer("norm_t_T", torch.zeros(1))
+        self.register_buffer("norm_mean_TD", torch.zeros(1, d))
+        self.register_buffer("norm_scale_T", torch.ones(1))
+
+    # ------------------------------------------------------------------ normalisation
+    def set_normalization(self, stats) -> None:
+        """Fill the normalisation table from :class:`tide.data.TimestepStats` of the training data."""
+        d = self.cfg.d_in
+        if self.cfg.normalization == "none":
+            return
+        if self.cfg.normalization == "global":
+            t = torch.zeros(1)
+            mean = torch.as_tensor(stats.mean_D, dtype=torch.float32)[None]
+            scale = torch.as_tensor([float(stats.var) / d]).sqrt()
+        else:
+            t = torch.as_tensor(stats.timesteps_T, dtype=torch.float32)
+            mean = torch.as_tensor(stats.mean_TD, dtype=torch.float32)
+            scale = (torch.as_tensor(stats.var_T, dtype=torch.float32) / d).sqrt()
+        if mean.shape[-1] != d:
+            raise TideError(f"normalisation statistics have width {mean.shape[-1]} but the SAE's d_in is {d}")
+        device = self.W_enc.device
+        self.norm_t_T = t.to(device)
+        self.norm_mean_TD = mean.to(device)
+        self.norm_scale_T = scale.clamp_min(1e-8).to(device)
+
+    def _norm(self, t_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu_BD, sigma_B1) at each row's timestep (nearest recorded timestep for per_timestep)."""
+        if self.norm_t_T.numel() == 1:
+            return self.norm_mean_TD.expand(len(t_B), -1), self.norm_scale_T.expand(len(t_B))[:, None]
+        row = (t_B.float()[:, None] - self.norm_t_T[None]).abs().argmin(-1)
+        return self.norm_mean_TD[row], self.norm_scale_T[row][:, None]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x_BD: torch.Tensor, t_B: torch.Tensor) -> ForwardOutput:
+        if x_BD.shape[-1] != self.cfg.d_in:
+            raise TideError(f"activations have width {x_BD.shape[-1]} but the SAE was built for d_in={self.cfg.d_in} "
+                            f"(hook {self.cfg.hook or '?'}): train or load an SAE for this hook")
+        t_B = t_B.to(x_BD.device)
+        mu_BD, sigma_B1 = self._norm(t_B)
+        x_n = (x_BD - mu_BD) / sigma_B1
+        if self.modulation is not None:
+            scale_BD, shift_BD = self.modulation(t_B)
+            x_in, out_scale = x_n * (1 + scale_BD) + shift_BD, 1 + scale_BD
+        else:
+            x_in, shift_BD, out_scale = x_n, None, None
+        if self.cfg.conditioning == "bucket":
+            y, latents, pre, penalty = self._bucketed(x_in, t_B)
+        else:
+            y, latents, pre, penalty = self._code(x_in, 0)
+        x_hat_n = y if out_scale is None else (y - shift_BD) / out_scale
+        return ForwardOutput(x_hat_n * sigma_B1 + mu_BD, x_hat_n, x_n, latents, pre, penalty, out_scale)
+
+    def _code(self, x_BD: torch.Tensor, b: int):
+        """Encode and decode rows with bucket ``b``'s parameters (b = 0 without buckets)."""
+        cfg = self.cfg
+        pre = torch.addmm(self.b_enc[b], x_BD - self.b_dec[b], self.W_enc[b].T)
+        penalty = pre.new_zeros(())
+        if cfg.sparsity == "topk":
+            latents = sp.topk(pre, cfg.k)
+        elif cfg.sparsity == "batchtopk":
+            if self.training:
+                latents, smallest = sp.batch_topk(pre, cfg.k)
+                with torch.no_grad():  # running mean of the smallest kept activation = the inference threshold
+                    n = self.threshold_steps[b] = self.threshold_steps[b] + 1
+                    self.threshold[b] += (smallest - self.threshold[b]) / n.clamp(max=1000)
+            else:
+                latents = sp.threshold(pre, self.threshold[b])
+        elif cfg.sparsity == "relu":
+            latents = sp.Latents(torch.relu(pre), None)
+            penalty = cfg.l1_coefficient * (latents.acts * self.W_dec[b].norm(dim=-1)).sum(-1).mean()
+        else:
+            latents, l0_B = sp.jumprelu(pre, self.log_threshold[b].exp(), cfg.jumprelu_bandwidth)
+            penalty = cfg.l0_coefficient * l0_B.mean()
+        return self.decode_latents(latents, b) + self.b_dec[b], latents, pre, penalty
+
+    def _bucketed(self, x_BD, t_B):
+        bucket_B = bucket_index(t_B, self.cfg.num_buckets, self.cfg.t_max)
+        y = torch.empty_like(x_BD)
+        pre = x_BD.new_empty(len(x_BD), self.cfg.d_sae)
+        dense = x_BD.new_zeros(len(x_BD), self.cfg.d_sae)
+        penalty = x_BD.new_zeros(())
+        for b in bucket_B.unique().tolist():
+            rows = torch.nonzero(bucket_B == b).flatten()
+            y_b, lat_b, pre_b, pen_b = self._code(x_BD[rows], b)
+            y = y.index_copy(0, rows, y_b)
+            pre = pre.index_copy(0, rows, pre_b)
+            dense = dense.index_copy(0, rows, lat_b.dense(self.cfg.d_sae))
+            penalty = penalty + pen_b * len(rows) / len(x_BD)
+        return y, sp.Latents(dense, None), pre, penalty
+
+    def decode_latents(self, latents: sp.Latents, b: int = 0) -> torch.Tensor:
+        """sum_i z_i W_dec[i] (no bias), sparse when the latents are k-sparse."""
+        if latents.idx is None:
+            return latents.acts @ self.W_dec[b]
+        return sparse_decode(latents.idx, latents.acts, self.W_dec[b])
+
+    # ------------------------------------------------------------------ convenience
+    def encode(self, x_BD: torch.Tensor, t_B: torch.Tensor) -> torch.Tensor:
+        """Dense latents (B, F)."""
+        return self(x_BD, t_B).latents.dense(self.cfg.d_sae)
+
+    def reconstruct(self, x_BD: torch.Tensor, t_B: torch.Tensor) -> torch.Tensor:
+        return self(x_BD, t_B).x_hat_BD
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Unit-norm decoder rows."""
+        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        """Project out the gradient component parallel to each (unit) decoder row."""
+        if self.W_dec.grad is not None:
+            parallel = (self.W_dec.grad * self.W_dec).sum(-1, keepdim=True)
+            self.W_dec.grad -= parallel * self.W_dec
+
+    # ------------------------------------------------------------------ folding
+    @torch.no_grad()
+    def fold(self, t: float) -> "SAE":
+        """The model at timestep ``t`` as an exactly equivalent plain SAE on raw activations."""
+        cfg = self.cfg
+        device = self.W_enc.device
+        t_B = torch.tensor([float(t)], device=device)
+        b = int(bucket_index(t_B, cfg.num_buckets, cfg.t_max)) if cfg.conditioning == "bucket" else 0
+        mu = self._norm(t_B)[0][0]
+        sigma = self._norm(t_B)[1][0, 0]
+        if self.modulation is not None:
+            s, h = (v[0] for v in self.modulation(t_B))
+        else:
+            s, h = torch.zeros_like(mu), torch.zeros_like(mu)
+        a = (1 + s) / sigma                       # encoder input scale per dimension
+        w_enc = self.W_enc[b] * a                  # (F, D)
+        w_dec = self.W_dec[b] * (sigma / (1 + s))  # (F, D)
+        b_dec = mu + sigma * (self.b_dec[b] - h) / (1 + s)
+        folded_cfg = SAEConfig(**{**cfg.__dict__, "conditioning": "none", "normalization": "none"})
+        out = SAE(folded_cfg).to(device)
+        out.W_enc.copy_(w_enc[None])
+        out.W_dec.copy_(w_dec[None])
+        out.b_enc.copy_(self.b_enc[b][None])
+        out.b_dec.copy_(b_dec[None])
+        if cfg.sparsity == "jumprelu":
+            out.log_threshold.copy_(self.log_threshold[b][None])
+        if cfg.sparsity == "batchtopk":
+            out.threshold.copy_(self.threshold[b][None])
+            out.threshold_steps.copy_(self.threshold_steps[b][None])
+        return out.train(self.training)

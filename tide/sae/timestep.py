@@ -1,0 +1,37 @@
+"""Timestep conditioning: sinusoidal embedding -> MLP -> (scale, shift), zero-initialised (adaLN-Zero)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def sinusoidal_embedding(t_B: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """(B, dim) sin/cos features of the timestep values (as in DiT's timestep embedder)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t_B.device, dtype=torch.float32) / half)
+    args = t_B.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return torch.nn.functional.pad(emb, (0, dim % 2))
+
+
+class TimestepModulation(nn.Module):
+    """t -> (scale_BD, shift_BD). The last layer starts at zero, so training starts as a plain SAE."""
+
+    def __init__(self, d_in: int, embed_dim: int, hidden: int):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.mlp = nn.Sequential(nn.Linear(embed_dim, hidden), nn.SiLU(), nn.Linear(hidden, 2 * d_in))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, t_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale_BD, shift_BD = self.mlp(sinusoidal_embedding(t_B, self.embed_dim)).chunk(2, dim=-1)
+        return scale_BD, shift_BD
+
+
+def bucket_index(t_B: torch.Tensor, num_buckets: int, t_max: float) -> torch.Tensor:
+    """Equal-width timestep buckets over [0, t_max]: (B,) long in 0..num_buckets-1."""
+    return (t_B.float() / t_max * num_buckets).floor().long().clamp(0, num_buckets - 1)
