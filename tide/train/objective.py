@@ -1,0 +1,99 @@
+"""The training objective: normalised reconstruction error (FVU), sparsity penalty, and AuxK for dead latents."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from tide.sae.model import SAE, ForwardOutput
+from tide.sae.sparsity import Latents
+from tide.sae.timestep import bucket_index
+
+
+class LossOutput(NamedTuple):
+    loss: torch.Tensor
+    """What the optimizer minimises: fvu + penalty + aux_coefficient * aux."""
+    fvu: torch.Tensor
+    """Fraction of variance unexplained in normalised space (batch estimate)."""
+    aux: torch.Tensor
+    """AuxK loss (0 when no latent is dead or AuxK is off)."""
+    penalty: torch.Tensor
+    """Sparsity penalty (relu: L1, jumprelu: L0)."""
+    l0: torch.Tensor
+    """Mean active latents per row."""
+
+
+def fvu(x_hat_BD: torch.Tensor, x_BD: torch.Tensor) -> torch.Tensor:
+    """sum ||x^ - x||^2 / sum ||x - mean(x)||^2 over the batch."""
+    return (x_hat_BD - x_BD).pow(2).sum() / (x_BD - x_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+def fired(sae: SAE, out: ForwardOutput, t_B: torch.Tensor) -> torch.Tensor:
+    """(N, F) bool: which latents fired in this batch (per timestep bucket for per-bucket SAEs)."""
+    n, f = sae.W_dec.shape[:2]
+    lat = out.latents
+    if lat.idx is not None:
+        mask = torch.zeros(n, f, dtype=torch.bool, device=lat.acts.device)
+        mask[0, lat.idx[lat.acts > 0]] = True
+        return mask
+    active_BF = lat.acts > 0
+    if n == 1:
+        return active_BF.any(0)[None]
+    bucket_B = bucket_index(t_B, n, sae.cfg.t_max)
+    return torch.stack([active_BF[bucket_B == b].any(0) for b in range(n)])
+
+
+def auxk_loss(sae: SAE, out: ForwardOutput, t_B: torch.Tensor, dead_NF: torch.Tensor, k_aux: int) -> torch.Tensor:
+    """Reconstruct the residual from the top ``k_aux`` dead latents' pre-activations (Gao et al., 2024).
+
+    Touches only the dead latents' already computed pre-activations and decodes them sparsely.
+    """
+    zero = out.pre_BF.new_zeros(())
+    if not dead_NF.any():
+        return zero
+    n = dead_NF.shape[0]
+    residual_BD = (out.x_n_BD - out.x_hat_n_BD).detach()
+    bucket_B = bucket_index(t_B, n, sae.cfg.t_max) if n > 1 else torch.zeros_like(t_B, dtype=torch.long)
+    dead_BF = dead_NF[bucket_B]
+    k = min(k_aux, int(dead_NF.sum(-1).max()))
+    masked = out.pre_BF.masked_fill(~dead_BF, float("-inf"))
+    vals_BK, idx_BK = masked.topk(k, dim=-1, sorted=False)
+    acts_BK = torch.relu(vals_BK.nan_to_num(neginf=0.0))
+    if n == 1:
+        e_hat = sae.decode_latents(Latents(acts_BK, idx_BK), 0)
+    else:
+        e_hat = torch.zeros_like(residual_BD)
+        for b in bucket_B.unique().tolist():
+            rows = torch.nonzero(bucket_B == b).flatten()
+            e_hat = e_hat.index_copy(0, rows, sae.decode_latents(Latents(acts_BK[rows], idx_BK[rows]), b))
+    if out.out_scale_BD is not None:
+        e_hat = e_hat / out.out_scale_BD
+    loss = fvu(e_hat, residual_BD)
+    return loss.nan_to_num(0.0)
+
+
+def sae_loss(sae: SAE, x_BD: torch.Tensor, t_B: torch.Tensor, dead_NF: torch.Tensor | None = None,
+             k_aux: int = 256, aux_coefficient: float = 1 / 32) -> tuple[LossOutput, ForwardOutput]:
+    out = sae(x_BD, t_B)
+    rec = fvu(out.x_hat_n_BD, out.x_n_BD)
+    aux = auxk_loss(sae, out, t_B, dead_NF, k_aux) if dead_NF is not None and aux_coefficient > 0 else rec.new_zeros(())
+    loss = rec + out.penalty + aux_coefficient * aux
+    l0 = out.latents.l0().float().mean()
+    return LossOutput(loss, rec.detach(), aux.detach(), out.penalty.detach(), l0.detach()), out
+
+
+def train_step(sae: SAE, optimizer: torch.optim.Optimizer, x_BD: torch.Tensor, t_B: torch.Tensor,
+               dead_NF: torch.Tensor | None, k_aux: int = 256, aux_coefficient: float = 1 / 32,
+               grad_hook=None) -> tuple[LossOutput, ForwardOutput]:
+    """One optimisation step exactly as the trainer runs it: loss, backward, (grad_hook, e.g. DDP all-reduce),
+    parallel-gradient removal, optimizer step, decoder re-normalisation."""
+    optimizer.zero_grad(set_to_none=True)
+    losses, out = sae_loss(sae, x_BD, t_B, dead_NF, k_aux, aux_coefficient)
+    losses.loss.backward()
+    if grad_hook is not None:
+        grad_hook(sae)
+    sae.remove_parallel_grad()
+    optimizer.step()
+    sae.normalize_decoder()
+    return losses, out
