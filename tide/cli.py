@@ -90,6 +90,16 @@ def _data(action: str):
     return run
 
 
+def _train(config) -> int:
+    from tide.train import train
+
+    summary = train(config)
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(f"trained {', '.join(summary['saes'])} for {summary['steps']} steps "
+              f"({summary['vectors_per_s']:,.0f} vectors/s) -> {config.out}")
+    return 0
+
+
 def _demo(config) -> int:
     from tide.demo import run_demo
 
@@ -102,11 +112,14 @@ def commands() -> list[Command]:
     from tide.capture import CaptureConfig
     from tide.demo import DemoConfig
     from tide.sampling import GenerateConfig
+    from tide.train import TrainConfig
 
     return [
         Command("hooks", "list every hook name of a backbone with its activation shape", BackboneConfig, _hooks),
         Command("sample", "sample a grid of images, one row per class", GenerateConfig, _sample),
         Command("capture", "record activations at every denoising step into HDF5 shards", CaptureConfig, _capture),
+        Command("train", "train SAEs (TIDE, plain, per-bucket) on a captured dataset; SAEs from the YAML `saes` list",
+                TrainConfig, _train),
         Command("demo", "run the whole pipeline end to end on the embedded model", DemoConfig, _demo),
     ]
 

@@ -142,6 +142,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         inner, _ = _base_type(hints[f.name])
+        if typing.get_origin(inner) in (list, tuple) and any(dataclasses.is_dataclass(a) for a in typing.get_args(inner)):
+            continue  # nested records (e.g. the SAEs of a training run) come from YAML only
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         help_ = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")
