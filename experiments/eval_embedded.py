@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from tide.eval.classifier import load_classifier  # noqa: E402
 from tide.eval.fashion_mnist import DEFAULT_ROOT, load_fashion_mnist  # noqa: E402
+from tide.eval.frechet import frechet_distance  # noqa: E402
 from tide.images import save_grid  # noqa: E402
 from tide.models import load_backbone  # noqa: E402
 from tide.sampling import SamplerConfig, sample  # noqa: E402
@@ -54,21 +55,6 @@ def parse_args(argv=None):
     p.add_argument("--json", default=str(RESULTS / "embedded_model.json"))
     p.add_argument("--grid", default=str(RESULTS / "fmnist_dit_samples.png"))
     return p.parse_args(argv)
-
-
-def frechet_distance(a_NF: np.ndarray, b_NF: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets.
-
-    tr sqrt(Ca Cb) is computed as the trace of sqrt(Ca^1/2 Cb Ca^1/2), a symmetric PSD matrix, so
-    singular covariances (dead ReLU features) stay exact.
-    """
-    a, b = a_NF.astype(np.float64), b_NF.astype(np.float64)
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    w, v = np.linalg.eigh(cov_a)
-    sqrt_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a), 0, None)).sum()
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * tr_covmean)
 
 
 def machine() -> dict:

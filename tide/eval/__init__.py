@@ -1,6 +1,28 @@
-"""Evaluation: the evaluation classifier and the Fashion-MNIST reader it is trained on."""
+"""Evaluation: the evaluation classifier and the Fashion-MNIST reader it is trained on, the Fréchet
+distance, reconstruction metrics per timestep (:mod:`tide.eval.metrics`), spliced fidelity
+(:mod:`tide.eval.splice`) and the `tide eval` report (:mod:`tide.eval.report`).
+
+The splice and report modules load transformer_lens and matplotlib; they are imported on first use.
+"""
 
 from tide.eval.classifier import EvalClassifier, load_classifier
 from tide.eval.fashion_mnist import CLASS_NAMES, load_fashion_mnist
+from tide.eval.frechet import frechet_distance
 
-__all__ = ["EvalClassifier", "load_classifier", "CLASS_NAMES", "load_fashion_mnist"]
+_LAZY = {
+    "reconstruction_metrics": "metrics", "ReconstructionMetrics": "metrics", "BucketMetrics": "metrics",
+    "default_buckets": "metrics",
+    "denoiser_error": "splice", "spliced_samples": "splice", "splice_intervention": "splice",
+    "DenoiserError": "splice", "SplicedSamples": "splice",
+    "EvalConfig": "report", "evaluate": "report",
+}
+
+__all__ = ["EvalClassifier", "load_classifier", "CLASS_NAMES", "load_fashion_mnist", "frechet_distance", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"tide.eval.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'tide.eval' has no attribute {name!r}")

@@ -1,0 +1,345 @@
+"""Spliced fidelity: the SAE's reconstruction put in place of the activation at its hook.
+
+Two measurements, both against the clean model with the same noise (per-sample seeds):
+
+* :func:`denoiser_error` — along a clean sampling trajectory, at every step, the relative error of
+  the denoiser's output when the hook's activation is replaced by the SAE's reconstruction,
+  ||eps_spliced - eps_clean|| / ||eps_clean||, on the same input. The spliced output never feeds
+  back into the trajectory. A mean-ablation baseline (the activation replaced by its mean) puts
+  the number on a scale: an SAE is useful where its error is far below the baseline's.
+* :func:`spliced_samples` — whole generations with the SAE in the loop at every step against the
+  clean generations: pixel MSE and, with an evaluation classifier, class agreement of both, their
+  agreement with each other, and Fréchet distances in the classifier's feature space.
+
+The splice reads the timestep of each denoiser call from :func:`tide.hooks.current_step` and runs
+the SAE on every (row, token) of the hook's (B, T, D) activation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Iterator, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from tide.errors import TideError
+from tide.eval.frechet import frechet_distance
+from tide.eval.metrics import check_sae_hook
+from tide.hooks import BRANCH_NAMES, COND, UNCOND, HookedBackbone, StepContext, current_step, step_context
+from tide.models.base import NULL_CONDITION, Backbone
+from tide.sampling import Intervention, SampleOutput, SamplerConfig, initial_noise, make_scheduler, sample
+
+
+# ------------------------------------------------------------------------------------ checks and hook functions
+def check_splice(sae, hooked: HookedBackbone, hook: str) -> None:
+    """Refuse an unknown hook, an SAE trained on another hook, and an SAE of another width."""
+    hooked.check_hook_names([hook])
+    check_sae_hook(sae, hook)
+    if ".hook_txt_" not in hook:  # every image-stream hook carries d_model channels
+        width = hooked.backbone.d_model
+        if sae.cfg.d_in != width:
+            raise TideError(f"hook {hook!r} of backbone {hooked.backbone.name!r} has width {width} but the SAE "
+                            f"was built for d_in={sae.cfg.d_in}: load an SAE trained on this hook of this backbone")
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``module`` in eval mode for the block, its previous mode restored afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+def _rows(act: torch.Tensor, hook_name: str, width: int) -> torch.Tensor:
+    if act.shape[-1] != width:
+        raise TideError(f"hook {hook_name!r} carries activations of width {act.shape[-1]} but the SAE was built "
+                        f"for d_in={width}: load an SAE trained on this hook of this backbone")
+    return act.reshape(-1, act.shape[-1])
+
+
+def splice_fn(sae, hook_name: str = "?"):
+    """A hook function replacing a (..., D) activation by ``sae.reconstruct(x, t)`` at the sampler's timestep.
+
+    It runs the SAE on the SAE's device and dtype and returns the result in the activation's.
+    Put the SAE in eval mode first (BatchTopK uses its inference threshold there).
+    """
+    param = next(sae.parameters())
+
+    def fn(act: torch.Tensor, hook=None) -> torch.Tensor:
+        ctx = current_step()
+        if ctx is None:
+            raise TideError("the SAE splice reads the timestep from the sampler's step context: run it inside "
+                            "tide.sampling.sample (or within tide.hooks.step_context)")
+        x_ND = _rows(act, hook_name, sae.cfg.d_in).to(param.device, param.dtype)
+        t_N = torch.full((x_ND.shape[0],), float(ctx.timestep), device=param.device)
+        with torch.no_grad():
+            x_hat = sae.reconstruct(x_ND, t_N)
+        return x_hat.to(act.device, act.dtype).reshape(act.shape)
+
+    return fn
+
+
+def splice_intervention(sae, hook: str, steps: tuple[int, int] | None = None,
+                        timesteps: tuple[float, float] | None = None, branch: str = "both") -> Intervention:
+    """An :class:`~tide.sampling.Intervention` that splices the SAE in at ``hook`` (every step by default)."""
+    return Intervention(hook, splice_fn(sae, hook), steps=steps, timesteps=timesteps, branch=branch)
+
+
+def mean_ablation_fn(hook_name: str = "?", stats=None):
+    """A hook function replacing the activation by a mean.
+
+    With ``stats`` (:class:`tide.data.TimestepStats` of the hook), the dataset's mean at the recorded
+    timestep nearest the current one; otherwise the mean over the call's rows and tokens.
+    """
+    def fn(act: torch.Tensor, hook=None) -> torch.Tensor:
+        if stats is None:
+            mean_D = act.reshape(-1, act.shape[-1]).mean(0)
+        else:
+            ctx = current_step()
+            if ctx is None:
+                raise TideError("mean ablation at the data's timestep needs the sampler's step context")
+            if stats.mean_TD.shape[-1] != act.shape[-1]:
+                raise TideError(f"hook {hook_name!r} carries width {act.shape[-1]} but the ablation statistics "
+                                f"have width {stats.mean_TD.shape[-1]}")
+            row = int(stats.index_of([ctx.timestep])[0])
+            mean_D = torch.as_tensor(stats.mean_TD[row], dtype=act.dtype, device=act.device)
+        return mean_D.expand_as(act).clone()
+
+    return fn
+
+
+# ------------------------------------------------------------------------------------ denoiser error
+class DenoiserError(NamedTuple):
+    """Per denoising step of the clean trajectory: how much the splice changes the denoiser's output."""
+
+    hook: str
+    samples: int
+    guidance_scale: float
+    branch: str
+    step_index_T: np.ndarray
+    timesteps_T: np.ndarray
+    relative_error_T: np.ndarray
+    """||eps_spliced - eps_clean|| / ||eps_clean||, pooled over the samples (sums of squares over all of them)."""
+    ablation_error_T: np.ndarray
+    """The same with the activation mean-ablated instead of spliced."""
+    fvu_T: np.ndarray
+    """The SAE's FVU on the activations it replaced at that step (every row and token of the call)."""
+    ablation: str
+    """Which mean the baseline used: ``data`` (the dataset's per-timestep mean) or ``batch``."""
+    latents: torch.Tensor
+    """Final latents of the clean trajectory (identical to ``sample``'s with the same seeds)."""
+
+    def to_dict(self) -> dict:
+        def curve(a):
+            return [float(v) if np.isfinite(v) else None for v in a]
+        return {
+            "hook": self.hook, "samples": self.samples, "guidance_scale": self.guidance_scale,
+            "branch": self.branch, "ablation": self.ablation,
+            "mean_relative_error": float(np.mean(self.relative_error_T)),
+            "mean_ablation_error": float(np.mean(self.ablation_error_T)),
+            "per_step": {"step_index": [int(s) for s in self.step_index_T], "timestep": curve(self.timesteps_T),
+                         "relative_error": curve(self.relative_error_T),
+                         "ablation_error": curve(self.ablation_error_T), "fvu": curve(self.fvu_T)},
+        }
+
+
+class _StepFVU:
+    """Exact per-step FVU sums of what the splice saw (shifted by the step's first mean)."""
+
+    def __init__(self, num_steps: int):
+        self.n = np.zeros(num_steps)
+        self.sse = np.zeros(num_steps)
+        self.s2 = np.zeros(num_steps)
+        self.s1: list[np.ndarray | None] = [None] * num_steps
+        self.shift: list[np.ndarray | None] = [None] * num_steps
+
+    def add(self, i: int, x_ND: torch.Tensor, x_hat_ND: torch.Tensor) -> None:
+        if not len(x_ND):
+            return
+        x = x_ND.double()
+        if self.shift[i] is None:
+            self.shift[i] = x.mean(0).cpu().numpy()
+            self.s1[i] = np.zeros_like(self.shift[i])
+        dev = x - torch.as_tensor(self.shift[i], device=x.device)
+        self.n[i] += len(x)
+        self.sse[i] += float(((x_hat_ND.double() - x) ** 2).sum())
+        self.s1[i] += dev.sum(0).cpu().numpy()
+        self.s2[i] += float((dev * dev).sum())
+
+    def fvu(self) -> np.ndarray:
+        out = np.full(len(self.n), np.nan)
+        for i, n in enumerate(self.n):
+            if n:
+                ssd = self.s2[i] - float((self.s1[i] ** 2).sum()) / n
+                out[i] = self.sse[i] / ssd if ssd > 0 else np.nan
+        return out
+
+
+def _guided(out: torch.Tensor, cfg: bool, scale: float) -> torch.Tensor:
+    if not cfg:
+        return out
+    out_c, out_u = out.chunk(2)
+    return out_u + scale * (out_c - out_u)
+
+
+@torch.no_grad()
+def denoiser_error(model: Backbone | HookedBackbone, sae, hook: str, conds: Sequence[int],
+                   seeds: Sequence[int] | None = None, sampler_config: SamplerConfig | None = None,
+                   ablation_stats=None, branch: str = "both", progress: bool = False) -> DenoiserError:
+    """Relative error of the denoiser's output with the SAE spliced in at ``hook``, per step of a clean trajectory.
+
+    At every step the clean output, the spliced output and the mean-ablated output are computed on
+    the same input; the trajectory follows the clean output only. With classifier-free guidance the
+    guided outputs (what the scheduler sees) are compared. ``ablation_stats`` (the hook's
+    :class:`tide.data.TimestepStats`) makes the baseline use the dataset's per-timestep mean;
+    otherwise each call's own mean over rows and tokens. ``branch`` picks the CFG rows spliced.
+    """
+    config = sampler_config or SamplerConfig()
+    hooked = HookedBackbone.of(model)
+    backbone = hooked.backbone
+    check_splice(sae, hooked, hook)
+    conds = [int(c) for c in conds]
+    seeds = list(range(len(conds))) if seeds is None else [int(s) for s in seeds]
+    if len(seeds) != len(conds) or not conds:
+        raise TideError(f"give one seed per condition (and at least one): got {len(conds)} conditions, "
+                        f"{len(seeds)} seeds")
+    backbone.check_conditions(conds)
+
+    fvu_acc = _StepFVU(config.num_steps)
+    splice = splice_fn(sae, hook)
+
+    def spliced(act, hook=None):
+        x_hat = splice(act, hook)
+        ctx = current_step()
+        x, y = act, x_hat
+        if branch != "both":  # only the rows the splice replaces
+            rows = (ctx.cfg_branch_B == BRANCH_NAMES[branch]).to(act.device)
+            x, y = act[rows], x_hat[rows]
+        fvu_acc.add(ctx.step_index, x.reshape(-1, act.shape[-1]), y.reshape(-1, act.shape[-1]))
+        return x_hat
+
+    splice_iv = Intervention(hook, spliced, branch=branch)
+    ablate_iv = Intervention(hook, mean_ablation_fn(hook, ablation_stats), branch=branch)
+
+    n_steps = config.num_steps
+    sq_diff, sq_abl, sq_clean = np.zeros(n_steps), np.zeros(n_steps), np.zeros(n_steps)
+    timesteps_T = np.zeros(n_steps)
+    finals = []
+    bar = tqdm(total=len(conds) * n_steps, unit="step·img", disable=not progress, desc="denoiser error")
+    with eval_mode(sae):
+        for start in range(0, len(conds), config.batch_size):
+            c = conds[start:start + config.batch_size]
+            s = seeds[start:start + config.batch_size]
+            ids = list(range(start, start + len(c)))
+            scheduler = make_scheduler(backbone, n_steps)
+            x = initial_noise(backbone, s) * scheduler.init_noise_sigma
+            b = len(c)
+            cfg = backbone.uses_cfg(config.guidance_scale)
+            conds_B, ids_B = torch.tensor(c), torch.tensor(ids)
+            branch_B = torch.full((b,), COND, dtype=torch.int8)
+            if cfg:
+                conds_B = torch.cat([conds_B, torch.full((b,), NULL_CONDITION)])
+                ids_B = torch.cat([ids_B, ids_B])
+                branch_B = torch.cat([branch_B, torch.full((b,), UNCOND, dtype=torch.int8)])
+            cond = backbone.encode_conditions(conds_B.to(backbone.device))
+            params = inspect.signature(scheduler.step).parameters
+            extra = {}
+            if "generator" in params:
+                extra["generator"] = [torch.Generator().manual_seed(v) for v in s]
+            if "eta" in params:
+                extra["eta"] = config.eta
+            for i, t in enumerate(scheduler.timesteps):
+                timesteps_T[i] = float(t)
+                x_in = torch.cat([x, x]) if cfg else x
+                x_in = scheduler.scale_model_input(x_in, t)
+                ctx = StepContext(i, n_steps, float(t), branch_B, ids_B, conds_B)
+                with step_context(ctx):
+                    clean = _guided(hooked(x_in, t, cond), cfg, config.guidance_scale)
+                    with hooked.hooks(fwd_hooks=[(hook, splice_iv.bound_fn(ctx))]):
+                        out_s = _guided(hooked(x_in, t, cond), cfg, config.guidance_scale)
+                    with hooked.hooks(fwd_hooks=[(hook, ablate_iv.bound_fn(ctx))]):
+                        out_a = _guided(hooked(x_in, t, cond), cfg, config.guidance_scale)
+                clean64 = clean.double()
+                sq_clean[i] += float((clean64 ** 2).sum())
+                sq_diff[i] += float(((out_s.double() - clean64) ** 2).sum())
+                sq_abl[i] += float(((out_a.double() - clean64) ** 2).sum())
+                x = scheduler.step(clean, t, x, **extra, return_dict=False)[0]
+                bar.update(b)
+            finals.append(x.float().cpu())
+    bar.close()
+    denom = np.where(sq_clean > 0, sq_clean, np.nan)
+    return DenoiserError(
+        hook=hook, samples=len(conds), guidance_scale=float(config.guidance_scale), branch=branch,
+        step_index_T=np.arange(n_steps), timesteps_T=timesteps_T,
+        relative_error_T=np.sqrt(sq_diff / denom), ablation_error_T=np.sqrt(sq_abl / denom),
+        fvu_T=fvu_acc.fvu(), ablation="data" if ablation_stats is not None else "batch",
+        latents=torch.cat(finals))
+
+
+# ------------------------------------------------------------------------------------ spliced samples
+class SplicedSamples(NamedTuple):
+    """Generations with the SAE in the loop at every step against clean ones from the same noise."""
+
+    hook: str
+    clean: SampleOutput
+    spliced: SampleOutput
+    pixel_mse: float
+    """Mean over pixels and samples of (spliced - clean)^2, images in [0, 1]."""
+    classifier: dict | None
+    """With an evaluation classifier: ``agreement_clean`` / ``agreement_spliced`` (prediction = requested
+    class; class-conditional backbones only), ``agreement_spliced_vs_clean`` (same prediction),
+    ``frechet_spliced_vs_clean`` and, with real images, ``frechet_clean_vs_real``,
+    ``frechet_spliced_vs_real`` and ``real_images``. None without a classifier."""
+
+    def to_dict(self) -> dict:
+        return {"hook": self.hook, "samples": int(len(self.clean.conds)), "pixel_mse": self.pixel_mse,
+                "max_abs_pixel_difference": float((self.spliced.images - self.clean.images).abs().max()),
+                "classifier": self.classifier}
+
+
+def _frechet_or_none(a, b) -> float | None:
+    return frechet_distance(a, b) if len(a) >= 2 and len(b) >= 2 else None
+
+
+@torch.no_grad()
+def spliced_samples(backbone: Backbone | HookedBackbone, sae, hook: str, conds: Sequence[int],
+                    seeds: Sequence[int] | None = None, sampler_config: SamplerConfig | None = None,
+                    classifier=None, real_images: torch.Tensor | None = None, branch: str = "both",
+                    progress: bool = False) -> SplicedSamples:
+    """Sample with the SAE spliced in at ``hook`` at every step, and without, from the same seeds.
+
+    ``classifier`` (an :class:`~tide.eval.EvalClassifier`, optional) adds class agreement and
+    Fréchet distances in its feature space; ``real_images`` ((N, C, H, W) in [0, 1], optional)
+    adds the distances of both sample sets to real data. Fréchet distances need >= 2 samples per set.
+    """
+    hooked = HookedBackbone.of(backbone)
+    plain = hooked.backbone
+    check_splice(sae, hooked, hook)
+    config = sampler_config or SamplerConfig()
+    seeds = list(range(len(conds))) if seeds is None else list(seeds)
+    with eval_mode(sae):
+        clean = sample(plain, conds, seeds, config, progress=progress)
+        spliced = sample(plain, conds, seeds, config, interventions=[splice_intervention(sae, hook, branch=branch)],
+                         progress=progress)
+    pixel_mse = float(((spliced.images.double() - clean.images.double()) ** 2).mean())
+    scores = None
+    if classifier is not None:
+        pred_c, pred_s = classifier.predict(clean.images), classifier.predict(spliced.images)
+        feat_c, feat_s = classifier.embed(clean.images).numpy(), classifier.embed(spliced.images).numpy()
+        scores = {"agreement_spliced_vs_clean": float((pred_c == pred_s).float().mean()),
+                  "frechet_spliced_vs_clean": _frechet_or_none(feat_s, feat_c)}
+        if not plain.text_conditioned:
+            want = clean.conds.long()
+            scores["agreement_clean"] = float((pred_c == want).float().mean())
+            scores["agreement_spliced"] = float((pred_s == want).float().mean())
+        if real_images is not None:
+            feat_r = classifier.embed(real_images).numpy()
+            scores.update(real_images=int(len(feat_r)), frechet_clean_vs_real=_frechet_or_none(feat_c, feat_r),
+                          frechet_spliced_vs_real=_frechet_or_none(feat_s, feat_r))
+    return SplicedSamples(hook, clean, spliced, pixel_mse, scores)
