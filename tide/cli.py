@@ -100,6 +100,18 @@ def _train(config) -> int:
     return 0
 
 
+def _eval(config) -> int:
+    from pathlib import Path
+
+    from tide.eval.report import evaluate
+
+    result = evaluate(config)
+    overall = result["reconstruction"]["overall"]
+    print(f"FVU {overall['fvu']:.4f}, L0 {overall['l0']:.1f}, dead {overall['dead_fraction']:.1%} "
+          f"-> {Path(config.out) / 'eval.json'}, {Path(config.out) / 'eval.png'}")
+    return 0
+
+
 def _demo(config) -> int:
     from tide.demo import run_demo
 
@@ -112,6 +124,7 @@ def commands() -> list[Command]:
     from tide.capture import CaptureConfig
     from tide.demo import DemoConfig
     from tide.sampling import GenerateConfig
+    from tide.eval.report import EvalConfig
     from tide.train import TrainConfig
 
     return [
@@ -120,6 +133,8 @@ def commands() -> list[Command]:
         Command("capture", "record activations at every denoising step into HDF5 shards", CaptureConfig, _capture),
         Command("train", "train SAEs (TIDE, plain, per-bucket) on a captured dataset; SAEs from the YAML `saes` list",
                 TrainConfig, _train),
+        Command("eval", "evaluate an SAE: per-timestep reconstruction and spliced fidelity -> eval.json, eval.png",
+                EvalConfig, _eval),
         Command("demo", "run the whole pipeline end to end on the embedded model", DemoConfig, _demo),
     ]
 
