@@ -14,7 +14,8 @@ exactly equivalent plain SAE on raw activations (normalisation included).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from contextlib import contextmanager
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import nn
@@ -22,7 +23,7 @@ from torch import nn
 from tide.errors import TideError
 from tide.sae import sparsity as sp
 from tide.sae.config import SAEConfig
-from tide.sae.kernels import sparse_decode
+from tide.sae.kernels import SparseCode, selected_encode, sparse_decode, topk_encode_code
 from tide.sae.timestep import TimestepModulation, bucket_index
 
 
@@ -36,11 +37,15 @@ class ForwardOutput(NamedTuple):
     latents: sp.Latents
     """Active latents."""
     pre_BF: torch.Tensor
-    """Pre-activations (AuxK reuses them for the dead latents)."""
+    """Pre-activations (AuxK chooses its dead latents from them). For TopK they are detached: the sparse
+    backward differentiates only selected entries (re-encode a choice with :meth:`SAE.encode_selected`);
+    inside :meth:`SAE.reuse_buffers` they live in a buffer that the next forward overwrites."""
     penalty: torch.Tensor
     """Sparsity penalty (L1 for relu, L0 for jumprelu; 0 otherwise), already weighted."""
     out_scale_BD: torch.Tensor | None
     """TIDE: 1 + scale(t), the divisor of the decoder output (AuxK decodes through it); None otherwise."""
+    x_in_BD: torch.Tensor | None = None
+    """The encoder's input before the decoder bias is subtracted (normalised and, for TIDE, modulated)."""
 
 
 class SAE(nn.Module):
@@ -67,6 +72,30 @@ class SAE(nn.Module):
         self.register_buffer("norm_t_T", torch.zeros(1))
         self.register_buffer("norm_mean_TD", torch.zeros(1, d))
         self.register_buffer("norm_scale_T", torch.ones(1))
+        self._scratch: dict[str, torch.Tensor] = {}  # see reuse_buffers
+        self._reusing = False
+
+    # ------------------------------------------------------------------ scratch memory
+    @contextmanager
+    def reuse_buffers(self) -> Iterator[None]:
+        """Within this block, TopK forwards on CPU write ``pre_BF`` into a (B, F) buffer that the SAE keeps
+        between calls instead of fresh memory, so that the operating system need not map and zero B*F*4
+        bytes again on every step (on small CPUs that costs as much as a third of the encoder product).
+        ``pre_BF`` of an output is then valid only until the next forward. The training step
+        (:func:`tide.train.objective.train_step`) runs its forward in this block."""
+        previous, self._reusing = self._reusing, True
+        try:
+            yield
+        finally:
+            self._reusing = previous
+
+    def _buffer(self, name: str, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor | None:
+        if not self._reusing or like.device.type != "cpu":
+            return None
+        buf = self._scratch.get(name)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols or buf.dtype != like.dtype:
+            buf = self._scratch[name] = like.new_empty(rows, cols)
+        return buf[:rows]
 
     # ------------------------------------------------------------------ normalisation
     def set_normalization(self, stats) -> None:
@@ -102,8 +131,9 @@ class SAE(nn.Module):
             raise TideError(f"activations have width {x_BD.shape[-1]} but the SAE was built for d_in={self.cfg.d_in} "
                             f"(hook {self.cfg.hook or '?'}): train or load an SAE for this hook")
         t_B = t_B.to(x_BD.device)
+        identity = self.cfg.normalization == "none"  # skip two passes over the batch
         mu_BD, sigma_B1 = self._norm(t_B)
-        x_n = (x_BD - mu_BD) / sigma_B1
+        x_n = x_BD if identity else (x_BD - mu_BD) / sigma_B1
         if self.modulation is not None:
             scale_BD, shift_BD = self.modulation(t_B)
             x_in, out_scale = x_n * (1 + scale_BD) + shift_BD, 1 + scale_BD
@@ -114,16 +144,21 @@ class SAE(nn.Module):
         else:
             y, latents, pre, penalty = self._code(x_in, 0)
         x_hat_n = y if out_scale is None else (y - shift_BD) / out_scale
-        return ForwardOutput(x_hat_n * sigma_B1 + mu_BD, x_hat_n, x_n, latents, pre, penalty, out_scale)
+        x_hat = x_hat_n if identity else x_hat_n * sigma_B1 + mu_BD
+        return ForwardOutput(x_hat, x_hat_n, x_n, latents, pre, penalty, out_scale, x_in)
 
     def _code(self, x_BD: torch.Tensor, b: int):
         """Encode and decode rows with bucket ``b``'s parameters (b = 0 without buckets)."""
         cfg = self.cfg
+        if cfg.sparsity == "topk":  # sparse backward: only the k selected latents per row are differentiated
+            buf = self._buffer("pre", len(x_BD), cfg.d_sae, x_BD) if cfg.conditioning != "bucket" else None
+            b_dec = self._param("b_dec", b)
+            acts, idx, pre, code = topk_encode_code(x_BD, self._param("W_enc", b), self._param("b_enc", b), cfg.k, b_dec, out=buf)
+            y = sparse_decode(idx, acts, self._param("W_dec", b), code) + b_dec
+            return y, sp.Latents(acts, idx), pre, pre.new_zeros(())
         pre = torch.addmm(self.b_enc[b], x_BD - self.b_dec[b], self.W_enc[b].T)
         penalty = pre.new_zeros(())
-        if cfg.sparsity == "topk":
-            latents = sp.topk(pre, cfg.k)
-        elif cfg.sparsity == "batchtopk":
+        if cfg.sparsity == "batchtopk":
             if self.training:
                 latents, smallest = sp.batch_topk(pre, cfg.k)
                 with torch.no_grad():  # running mean of the smallest kept activation = the inference threshold
@@ -154,11 +189,25 @@ class SAE(nn.Module):
             penalty = penalty + pen_b * len(rows) / len(x_BD)
         return y, sp.Latents(dense, None), pre, penalty
 
-    def decode_latents(self, latents: sp.Latents, b: int = 0) -> torch.Tensor:
-        """sum_i z_i W_dec[i] (no bias), sparse when the latents are k-sparse."""
+    def decode_latents(self, latents: sp.Latents, b: int = 0, code: SparseCode | None = None) -> torch.Tensor:
+        """sum_i z_i W_dec[i] (no bias), sparse when the latents are k-sparse (``code``: their
+        :class:`~tide.sae.kernels.SparseCode`, to share its sort with :meth:`encode_selected`)."""
         if latents.idx is None:
-            return latents.acts @ self.W_dec[b]
-        return sparse_decode(latents.idx, latents.acts, self.W_dec[b])
+            return latents.acts @ self._param("W_dec", b)
+        return sparse_decode(latents.idx, latents.acts, self._param("W_dec", b), code)
+
+    def _param(self, name: str, b: int) -> torch.Tensor:
+        """Bucket ``b``'s slice of a stacked parameter; without buckets a view whose backward is a reshape
+        (indexing would zero-fill and copy the whole gradient)."""
+        p = getattr(self, name)
+        return p.squeeze(0) if p.shape[0] == 1 else p[b]
+
+    def encode_selected(self, x_in_BD: torch.Tensor, idx_BK: torch.Tensor, vals_BK: torch.Tensor, b: int = 0,
+                        code: SparseCode | None = None) -> torch.Tensor:
+        """Differentiable pre-activations of chosen latents ``idx_BK`` (values ``vals_BK`` already known, e.g.
+        from ``pre_BF``) of rows ``x_in_BD`` (:attr:`ForwardOutput.x_in_BD`); the backward costs B*K*D."""
+        return selected_encode(x_in_BD, self._param("b_dec", b), self._param("W_enc", b), self._param("b_enc", b),
+                               idx_BK, vals_BK, code=code)
 
     # ------------------------------------------------------------------ convenience
     def encode(self, x_BD: torch.Tensor, t_B: torch.Tensor) -> torch.Tensor:
@@ -199,7 +248,7 @@ class SAE(nn.Module):
         w_dec = self.W_dec[b] * (sigma / (1 + s))  # (F, D)
         b_dec = mu + sigma * (self.b_dec[b] - h) / (1 + s)
         folded_cfg = SAEConfig(**{**cfg.__dict__, "conditioning": "none", "normalization": "none"})
-        out = SAE(folded_cfg).to(device)
+        out = SAE(folded_cfg).to(device=device, dtype=self.W_enc.dtype)
         out.W_enc.copy_(w_enc[None])
         out.W_dec.copy_(w_dec[None])
         out.b_enc.copy_(self.b_enc[b][None])

@@ -28,7 +28,8 @@ class TimestepModulation(nn.Module):
         nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self, t_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scale_BD, shift_BD = self.mlp(sinusoidal_embedding(t_B, self.embed_dim)).chunk(2, dim=-1)
+        emb = sinusoidal_embedding(t_B, self.embed_dim).to(self.mlp[0].weight.dtype)
+        scale_BD, shift_BD = self.mlp(emb).chunk(2, dim=-1)
         return scale_BD, shift_BD
 
 

@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import torch
 
+from tide.sae.kernels import SparseCode, row_topk
 from tide.sae.model import SAE, ForwardOutput
 from tide.sae.sparsity import Latents
 from tide.sae.timestep import bucket_index
@@ -47,26 +48,34 @@ def fired(sae: SAE, out: ForwardOutput, t_B: torch.Tensor) -> torch.Tensor:
 def auxk_loss(sae: SAE, out: ForwardOutput, t_B: torch.Tensor, dead_NF: torch.Tensor, k_aux: int) -> torch.Tensor:
     """Reconstruct the residual from the top ``k_aux`` dead latents' pre-activations (Gao et al., 2024).
 
-    Touches only the dead latents' already computed pre-activations and decodes them sparsely.
+    Chooses among the dead latents' already computed pre-activations, then re-encodes and decodes only the
+    chosen ones, so forward and backward cost B*k_aux*D beyond the choice.
     """
     zero = out.pre_BF.new_zeros(())
     if not dead_NF.any():
         return zero
     n = dead_NF.shape[0]
     residual_BD = (out.x_n_BD - out.x_hat_n_BD).detach()
-    bucket_B = bucket_index(t_B, n, sae.cfg.t_max) if n > 1 else torch.zeros_like(t_B, dtype=torch.long)
-    dead_BF = dead_NF[bucket_B]
+    bucket_B = bucket_index(t_B, n, sae.cfg.t_max) if n > 1 else None
     k = min(k_aux, int(dead_NF.sum(-1).max()))
-    masked = out.pre_BF.masked_fill(~dead_BF, float("-inf"))
-    vals_BK, idx_BK = masked.topk(k, dim=-1, sorted=False)
-    acts_BK = torch.relu(vals_BK.nan_to_num(neginf=0.0))
+    with torch.no_grad():
+        pre_BF = out.pre_BF.detach()
+        if n == 1:  # only the dead columns take part in the choice
+            vals_BK, idx_BK = row_topk(pre_BF, k, torch.nonzero(dead_NF[0]).flatten())
+            vals_BK, idx_BK = vals_BK.to(pre_BF.device), idx_BK.to(pre_BF.device)
+        else:  # a bucket with fewer than k dead latents pads with -inf (relu: 0, no gradient)
+            vals_BK, idx_BK = pre_BF.masked_fill(~dead_NF[bucket_B], float("-inf")).topk(k, dim=-1, sorted=False)
     if n == 1:
-        e_hat = sae.decode_latents(Latents(acts_BK, idx_BK), 0)
+        code = SparseCode(idx_BK, sae.cfg.d_sae)  # one sort for the encoder's and the decoder's backward
+        acts_BK = torch.relu(sae.encode_selected(out.x_in_BD, idx_BK, vals_BK, 0, code))
+        e_hat = sae.decode_latents(Latents(acts_BK, idx_BK), 0, code)
     else:
         e_hat = torch.zeros_like(residual_BD)
         for b in bucket_B.unique().tolist():
             rows = torch.nonzero(bucket_B == b).flatten()
-            e_hat = e_hat.index_copy(0, rows, sae.decode_latents(Latents(acts_BK[rows], idx_BK[rows]), b))
+            code = SparseCode(idx_BK[rows], sae.cfg.d_sae)
+            acts = torch.relu(sae.encode_selected(out.x_in_BD[rows], idx_BK[rows], vals_BK[rows], b, code))
+            e_hat = e_hat.index_copy(0, rows, sae.decode_latents(Latents(acts, idx_BK[rows]), b, code))
     if out.out_scale_BD is not None:
         e_hat = e_hat / out.out_scale_BD
     loss = fvu(e_hat, residual_BD)
@@ -75,7 +84,10 @@ def auxk_loss(sae: SAE, out: ForwardOutput, t_B: torch.Tensor, dead_NF: torch.Te
 
 def sae_loss(sae: SAE, x_BD: torch.Tensor, t_B: torch.Tensor, dead_NF: torch.Tensor | None = None,
              k_aux: int = 256, aux_coefficient: float = 1 / 32) -> tuple[LossOutput, ForwardOutput]:
-    out = sae(x_BD, t_B)
+    """The training loss of one batch. The forward reuses the SAE's scratch buffers (:meth:`SAE.reuse_buffers`):
+    the returned output's ``pre_BF`` is valid until the SAE's next training forward."""
+    with sae.reuse_buffers():
+        out = sae(x_BD, t_B)
     rec = fvu(out.x_hat_n_BD, out.x_n_BD)
     aux = auxk_loss(sae, out, t_B, dead_NF, k_aux) if dead_NF is not None and aux_coefficient > 0 else rec.new_zeros(())
     loss = rec + out.penalty + aux_coefficient * aux
