@@ -84,8 +84,8 @@ def auxk_loss(sae: SAE, out: ForwardOutput, t_B: torch.Tensor, dead_NF: torch.Te
 
 def sae_loss(sae: SAE, x_BD: torch.Tensor, t_B: torch.Tensor, dead_NF: torch.Tensor | None = None,
              k_aux: int = 256, aux_coefficient: float = 1 / 32) -> tuple[LossOutput, ForwardOutput]:
-    """The training loss of one batch. The forward reuses the SAE's scratch buffers (:meth:`SAE.reuse_buffers`):
-    the returned output's ``pre_BF`` is valid until the SAE's next training forward."""
+    """The training loss of one batch. The forward runs in :meth:`SAE.reuse_buffers`, so the returned output's
+    ``pre_BF`` stays valid only until the next call of this function (or train_step) on the same SAE."""
     with sae.reuse_buffers():
         out = sae(x_BD, t_B)
     rec = fvu(out.x_hat_n_BD, out.x_n_BD)
