@@ -1,0 +1,444 @@
+"""Per-feature statistics of an SAE over a captured activation dataset, from one streaming pass.
+
+For every SAE feature (latent) ``f``:
+
+- **frequency**: the fraction of rows where ``f`` fires (latent > 0), overall and per recorded
+  denoising step (the *timestep profile*);
+- **mean activation**: over all rows, over the rows where it fires, and per step;
+- **top-k occurrences**: the ``top_k`` largest activations with the (sample, step, timestep, token)
+  they came from, kept in bounded ``(F, K)`` arrays merged batch by batch with ``torch.topk``;
+- **class selectivity**: an *image-level* activation per (sample, feature) = the **max** over the
+  sample's tokens (and over its recorded steps for the overall score, or at one step for the
+  per-step score), then the one-vs-rest AUROC of that score for each condition (class), computed
+  exactly from mid-ranks (ties count one half) once the pass is over;
+- **spatial map**: the mean activation at each token position, shaped to the patch grid.
+
+Latents of every sparsity are non-negative, so "fires" means "> 0" and the pass only looks at the
+positive entries (a TopK SAE's k per row, or the non-zeros of a dense code).
+
+The result is a :class:`FeatureStats`; :func:`save_feature_stats` writes it to one HDF5 file
+(``feature_stats.h5``, written to a temporary file and renamed into place) and
+:func:`load_feature_stats` reads it back. Layout of the file: one dataset per array field of
+:class:`FeatureStats` under its field name, and the provenance in the root attributes
+(``schema`` = ``"tide.feature_stats"``, ``schema_version``, ``hook``, ``sae_path``,
+``sae_config_hash``, ``sae_weights_hash``, ``dataset_path``, ``manifest_sha256``,
+``dataset_rows``, ``rows``, ``cfg_branch``, ``top_k``, ``image_reduce``, ``condition_names``,
+``patch_grid``, ``tide_version``). Empty top-k slots (a feature that fired fewer than ``top_k``
+times) have value 0 and sample id, step and token -1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from tide.capture.schema import canonical_hash, fsync_dir
+from tide.data import ActivationStore
+from tide.device import resolve_device
+from tide.errors import TideError
+
+SCHEMA = "tide.feature_stats"
+SCHEMA_VERSION = 1
+FILENAME = "feature_stats.h5"
+IMAGE_REDUCE = "max"
+COLUMNS = ("timestep", "step_index", "sample_id", "token", "cond", "cfg_branch")
+
+
+@dataclasses.dataclass
+class FeatureStats:
+    """Per-feature statistics (F features, S recorded steps, N samples, C classes, K top-k slots)."""
+
+    steps: np.ndarray
+    """(S,) recorded step indices (0 = noisiest)."""
+    timesteps: np.ndarray
+    """(S,) scheduler timestep of each recorded step."""
+    rows_per_step: np.ndarray
+    """(S,) rows processed at each step."""
+    fire_count_step: np.ndarray
+    """(S, F) rows where the feature fired, per step."""
+    act_sum_step: np.ndarray
+    """(S, F) sum of the feature's activation, per step (float64)."""
+    topk_value: np.ndarray
+    """(F, K) largest activations, descending; 0 in empty slots."""
+    topk_sample: np.ndarray
+    """(F, K) their sample ids (-1 in empty slots)."""
+    topk_step: np.ndarray
+    """(F, K) their step indices (-1 in empty slots)."""
+    topk_timestep: np.ndarray
+    """(F, K) their timesteps (NaN in empty slots)."""
+    topk_token: np.ndarray
+    """(F, K) their token (patch) indices, row-major over the patch grid (-1 in empty slots)."""
+    sample_cond: np.ndarray
+    """(N,) condition (class) id of each sample; -1 for a sample with no processed rows."""
+    image_acts_step: np.ndarray
+    """(N, S, F) image-level activation: max over the sample's tokens at each step (0 when unseen)."""
+    auroc: np.ndarray
+    """(C, F) one-vs-rest AUROC of the image-level activation (max over tokens and steps) per class;
+    NaN for a class with no positive or no negative sample."""
+    auroc_step: np.ndarray
+    """(S, C, F) the same with the image-level activation at one step."""
+    token_rows: np.ndarray
+    """(T,) rows processed at each token position."""
+    spatial_sum: np.ndarray
+    """(T, F) sum of the feature's activation at each token position (float64)."""
+    attrs: dict
+    """Provenance: hook, SAE and dataset identity, settings (see the module docstring)."""
+
+    # ------------------------------------------------------------------ derived views
+    @property
+    def hook(self) -> str:
+        return self.attrs["hook"]
+
+    @property
+    def num_features(self) -> int:
+        return self.fire_count_step.shape[1]
+
+    @property
+    def condition_names(self) -> list[str]:
+        return list(self.attrs.get("condition_names", []))
+
+    @property
+    def patch_grid(self) -> tuple[int, ...]:
+        return tuple(int(g) for g in self.attrs["patch_grid"])
+
+    @property
+    def rows(self) -> int:
+        return int(self.rows_per_step.sum())
+
+    @property
+    def fire_count(self) -> np.ndarray:
+        """(F,) rows where the feature fired."""
+        return self.fire_count_step.sum(0)
+
+    @property
+    def frequency(self) -> np.ndarray:
+        """(F,) fraction of all processed rows where the feature fired."""
+        return self.fire_count / max(self.rows, 1)
+
+    @property
+    def frequency_step(self) -> np.ndarray:
+        """(S, F) the timestep profile: fraction of the rows at each step where the feature fired."""
+        return _ratio(self.fire_count_step, self.rows_per_step[:, None])
+
+    @property
+    def mean_act(self) -> np.ndarray:
+        """(F,) mean activation over all processed rows."""
+        return self.act_sum_step.sum(0) / max(self.rows, 1)
+
+    @property
+    def mean_act_firing(self) -> np.ndarray:
+        """(F,) mean activation over the rows where the feature fired (NaN if it never fired)."""
+        return _ratio(self.act_sum_step.sum(0), self.fire_count)
+
+    @property
+    def mean_act_step(self) -> np.ndarray:
+        """(S, F) mean activation over the rows at each step."""
+        return _ratio(self.act_sum_step, self.rows_per_step[:, None])
+
+    @property
+    def image_acts(self) -> np.ndarray:
+        """(N, F) image-level activation: max over the sample's tokens and recorded steps."""
+        return self.image_acts_step.max(1)
+
+    @property
+    def spatial_mean(self) -> np.ndarray:
+        """(F, *patch_grid) mean activation at each token position (NaN where no row was processed)."""
+        mean_TF = _ratio(self.spatial_sum, self.token_rows[:, None])
+        return mean_TF.T.reshape(self.num_features, *self.patch_grid)
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    num = np.asarray(num, dtype=np.float64)
+    den = np.broadcast_to(np.asarray(den, dtype=np.float64), num.shape)
+    out = np.full(num.shape, np.nan)
+    np.divide(num, den, out=out, where=den > 0)
+    return out
+
+
+# ---------------------------------------------------------------------- AUROC
+
+def midranks(x_NF: np.ndarray) -> np.ndarray:
+    """1-based ranks of each column's values, ties sharing the mean of their ranks."""
+    n = x_NF.shape[0]
+    order = np.argsort(x_NF, axis=0, kind="stable")
+    xs = np.take_along_axis(x_NF, order, axis=0)
+    pos = np.broadcast_to(np.arange(n)[:, None], xs.shape)
+    new = np.ones(xs.shape, dtype=bool)
+    new[1:] = xs[1:] != xs[:-1]
+    first = np.maximum.accumulate(np.where(new, pos, 0), axis=0)
+    end = np.ones(xs.shape, dtype=bool)
+    end[:-1] = new[1:]
+    last = np.flip(np.minimum.accumulate(np.flip(np.where(end, pos, n - 1), 0), axis=0), 0)
+    ranks = np.empty(xs.shape, dtype=np.float64)
+    np.put_along_axis(ranks, order, (first + last) / 2 + 1, axis=0)
+    return ranks
+
+
+def auroc_one_vs_rest(score_NF: np.ndarray, label_N: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C, F) AUROC of ``score`` separating class c from the rest (Mann-Whitney U / (n1 n0))."""
+    ranks = midranks(score_NF)
+    onehot = (label_N[None, :] == np.arange(num_classes)[:, None]).astype(np.float64)
+    n1 = onehot.sum(1)[:, None]
+    n0 = len(label_N) - n1
+    u = onehot @ ranks - n1 * (n1 + 1) / 2
+    return _ratio(u, n1 * n0)
+
+
+# ---------------------------------------------------------------------- the pass
+
+def _hash_state(sae) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(sae.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _positive_coo(latents, d_sae: int):
+    """(row, feature, value) of the positive latents of a batch."""
+    if latents.idx is not None:
+        acts = latents.acts
+        mask = acts > 0
+        rows = torch.arange(acts.shape[0], device=acts.device)[:, None].expand_as(acts)
+        return rows[mask], latents.idx[mask], acts[mask]
+    dense = latents.acts
+    nz = (dense > 0).nonzero()
+    return nz[:, 0], nz[:, 1], dense[nz[:, 0], nz[:, 1]]
+
+
+def _batch_topk(feat: torch.Tensor, val: torch.Tensor, num_features: int, k: int):
+    """The k largest entries per feature of a COO batch: ((F, k) values with -inf fill, (F, k) entry ids, -1 fill)."""
+    order = torch.argsort(val, descending=True, stable=True)
+    order = order[torch.argsort(feat[order], stable=True)]
+    f_sorted = feat[order]
+    counts = torch.bincount(f_sorted, minlength=num_features)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(len(order), device=feat.device) - starts[f_sorted]
+    keep = rank < k
+    values = torch.full((num_features, k), -torch.inf, device=val.device, dtype=val.dtype)
+    entry = torch.full((num_features, k), -1, device=val.device, dtype=torch.long)
+    values[f_sorted[keep], rank[keep]] = val[order[keep]]
+    entry[f_sorted[keep], rank[keep]] = order[keep]
+    return values, entry
+
+
+def compute_feature_stats(sae, store_or_path, hook: str | None = None, top_k: int = 16, batch_size: int = 4096,
+                          device=None, progress: bool = True, cfg_branch: int | None = 0,
+                          image_budget_bytes: int = 2 << 30) -> FeatureStats:
+    """One pass over the dataset: per-feature frequency, timestep profile, mean activations, top-k
+    occurrences, class AUROC and spatial maps (see the module docstring).
+
+    ``sae``: an :class:`~tide.sae.SAE` or the directory of a saved one. ``store_or_path``: an
+    :class:`~tide.data.ActivationStore` or a dataset directory. ``hook`` defaults to the SAE's
+    ``cfg.hook`` (or the dataset's only hook); the two must agree. Each row is encoded with its own
+    timestep. ``cfg_branch``: 0 (default) processes the conditional CFG rows only, 1 the
+    unconditional ones, None all rows. ``image_budget_bytes`` bounds the (samples, steps, features)
+    image-level matrix the AUROC needs; a larger one is refused.
+    """
+    from tide.sae import load_sae  # imported here: tide.sae pulls in the kernels
+
+    sae_path = ""
+    if not isinstance(sae, torch.nn.Module):
+        sae_path = str(sae)
+        sae = load_sae(sae)
+    store = store_or_path if isinstance(store_or_path, ActivationStore) else ActivationStore(store_or_path)
+    cfg = sae.cfg
+    if hook is None:
+        hook = cfg.hook or (next(iter(store.hooks)) if len(store.hooks) == 1 else None)
+        if hook is None:
+            raise TideError(f"the SAE names no hook and {store.path} holds several {list(store.hooks)}: pass hook=")
+    store.check_hooks([hook])
+    if cfg.hook and cfg.hook != hook:
+        raise TideError(f"the SAE was trained on hook {cfg.hook!r} but the statistics were asked for hook {hook!r}: "
+                        f"use an SAE trained on {hook!r} or pass hook={cfg.hook!r}")
+    if store.hooks[hook] != cfg.d_in:
+        raise TideError(f"hook {hook!r} has width {store.hooks[hook]} but the SAE reads d_in={cfg.d_in}")
+    if top_k < 1 or batch_size < 1:
+        raise TideError(f"top_k and batch_size must be positive, got {top_k} and {batch_size}")
+    if cfg_branch not in (0, 1, None):
+        raise TideError(f"cfg_branch must be 0 (conditional), 1 (unconditional) or None (both), got {cfg_branch!r}")
+
+    manifest = store.manifest
+    dev = resolve_device(device)
+    steps = store.recorded_steps
+    if not steps:
+        raise TideError(f"{store.path}: the manifest lists no recorded steps")
+    S, F, K = len(steps), cfg.d_sae, top_k
+    step_pos = np.full(max(steps) + 1, -1, dtype=np.int64)
+    step_pos[steps] = np.arange(S)
+    grid = [int(g) for g in manifest.get("patch_grid") or [manifest["num_tokens"]]]
+    T = int(np.prod(grid))
+    N = int(manifest["num_samples"])
+    names = [str(n) for n in manifest.get("condition_names") or []]
+    need = N * S * F * 4
+    if need > image_budget_bytes:
+        raise TideError(f"the image-level activations of {N} samples x {S} steps x {F} features need {need / 2**30:.2f} GiB, "
+                        f"over image_budget_bytes={image_budget_bytes / 2**30:.2f} GiB: raise the budget or analyse a "
+                        f"dataset with fewer samples or recorded steps")
+
+    rec_t = store.recorded_timesteps
+    timesteps = np.array(rec_t if len(rec_t) == S else [np.nan] * S, dtype=np.float64)
+    rows_step = torch.zeros(S, dtype=torch.long, device=dev)
+    fire_step = torch.zeros(S * F, dtype=torch.long, device=dev)
+    sum_step = torch.zeros(S * F, dtype=torch.float64, device=dev)
+    token_rows = torch.zeros(T, dtype=torch.long, device=dev)
+    spatial = torch.zeros(T * F, dtype=torch.float64, device=dev)
+    image = torch.zeros(N * S * F, dtype=torch.float32, device=dev)
+    sample_cond = np.full(N, -1, dtype=np.int64)
+    best_val = torch.full((F, K), -torch.inf, device=dev)
+    best_meta = torch.full((4, F, K), -1, dtype=torch.float64, device=dev)  # sample, step, timestep, token
+
+    from tqdm.auto import tqdm
+
+    total = sum(s.rows for s in store.shards)
+    bar = tqdm(total=total, unit="row", disable=not progress, desc="feature stats")
+    processed = 0
+    was_training = sae.training
+    sae.eval()
+    try:
+        with torch.no_grad():
+            for _, _, acts, meta in store.iter_blocks([hook], COLUMNS, block_rows=batch_size):
+                bar.update(len(meta["timestep"]))
+                keep = None if cfg_branch is None else meta["cfg_branch"] == cfg_branch
+                if keep is not None and not keep.any():
+                    continue
+                x = acts[hook] if keep is None else acts[hook][keep]
+                cols = {c: (v if keep is None else v[keep]) for c, v in meta.items()}
+                sp = step_pos[np.clip(cols["step_index"], 0, len(step_pos) - 1)]
+                if (sp < 0).any() or (cols["step_index"] >= len(step_pos)).any():
+                    raise TideError(f"{store.path}: rows at a step the manifest does not record; run `tide data verify`")
+                sid = cols["sample_id"].astype(np.int64)
+                tok = cols["token"].astype(np.int64)
+                if sid.min() < 0 or sid.max() >= N or tok.min() < 0 or tok.max() >= T:
+                    raise TideError(f"{store.path}: sample or token ids out of range; run `tide data verify`")
+                sample_cond[sid] = cols["cond"]
+                if np.isnan(timesteps).any():
+                    timesteps[sp] = cols["timestep"]
+                processed += len(sid)
+
+                x_BD = torch.from_numpy(np.ascontiguousarray(x)).to(dev, torch.float32)
+                t_B = torch.from_numpy(cols["timestep"].astype(np.float32)).to(dev)
+                sp_B = torch.from_numpy(sp).to(dev)
+                sid_B = torch.from_numpy(sid).to(dev)
+                tok_B = torch.from_numpy(tok).to(dev)
+                rows_step += torch.bincount(sp_B, minlength=S)
+                token_rows += torch.bincount(tok_B, minlength=T)
+
+                r, f, v = _positive_coo(sae(x_BD, t_B).latents, F)
+                if len(v) == 0:
+                    continue
+                v = v.float()
+                flat_step = sp_B[r] * F + f
+                fire_step += torch.bincount(flat_step, minlength=S * F)
+                sum_step.index_add_(0, flat_step, v.double())
+                spatial.index_add_(0, tok_B[r] * F + f, v.double())
+                image.scatter_reduce_(0, (sid_B[r] * S + sp_B[r]) * F + f, v, reduce="amax", include_self=True)
+
+                bval, bentry = _batch_topk(f, v, F, K)
+                brow = r[bentry.clamp(min=0)]
+                bmeta = torch.stack([sid_B[brow].double(), torch.from_numpy(cols["step_index"].astype(np.float64)).to(dev)[brow],
+                                     t_B.double()[brow], tok_B[brow].double()])
+                vals, which = torch.cat([best_val, bval], 1).topk(K, dim=1)
+                best_val = vals
+                best_meta = torch.cat([best_meta, bmeta], 2).gather(2, which[None].expand(4, F, K))
+    finally:
+        bar.close()
+        sae.train(was_training)
+    if processed == 0:
+        raise TideError(f"{store.path}: no rows of CFG branch {cfg_branch} to analyse (pass cfg_branch=None for all)")
+
+    empty = ~torch.isfinite(best_val) | (best_val <= 0)
+    best_val = best_val.masked_fill(empty, 0.0).cpu().numpy().astype(np.float32)
+    best_meta = best_meta.masked_fill(empty[None], -1).cpu().numpy()
+    best_meta[2][empty.cpu().numpy()] = np.nan
+
+    image_NSF = image.view(N, S, F).cpu().numpy()
+    seen = sample_cond >= 0
+    C = len(names) if names else int(sample_cond.max()) + 1
+    labels = sample_cond[seen]
+    auroc = auroc_one_vs_rest(image_NSF[seen].max(1), labels, C)
+    auroc_step = np.stack([auroc_one_vs_rest(image_NSF[seen, s], labels, C) for s in range(S)]) if seen.any() \
+        else np.full((S, C, F), np.nan)
+
+    attrs = dict(schema=SCHEMA, schema_version=SCHEMA_VERSION, hook=hook, sae_path=sae_path,
+                 sae_config_hash=canonical_hash(dataclasses.asdict(cfg)), sae_weights_hash=_hash_state(sae),
+                 sae_config=json.dumps(dataclasses.asdict(cfg), sort_keys=True),
+                 dataset_path=str(store.path), manifest_sha256=store.manifest_sha256, dataset_rows=int(store.rows),
+                 rows=int(processed), cfg_branch=-1 if cfg_branch is None else int(cfg_branch), top_k=K,
+                 image_reduce=IMAGE_REDUCE, condition_names=names, patch_grid=grid,
+                 tide_version=_version())
+    return FeatureStats(
+        steps=np.asarray(steps, dtype=np.int64), timesteps=timesteps, rows_per_step=rows_step.cpu().numpy(),
+        fire_count_step=fire_step.view(S, F).cpu().numpy(), act_sum_step=sum_step.view(S, F).cpu().numpy(),
+        topk_value=best_val, topk_sample=best_meta[0].astype(np.int64), topk_step=best_meta[1].astype(np.int64),
+        topk_timestep=best_meta[2].astype(np.float32), topk_token=best_meta[3].astype(np.int64),
+        sample_cond=sample_cond, image_acts_step=image_NSF, auroc=auroc, auroc_step=auroc_step,
+        token_rows=token_rows.cpu().numpy(), spatial_sum=spatial.view(T, F).cpu().numpy(), attrs=attrs)
+
+
+def _version() -> str:
+    from tide import __version__
+    return __version__
+
+
+# ---------------------------------------------------------------------- storage
+
+_ARRAYS = [f.name for f in dataclasses.fields(FeatureStats) if f.name != "attrs"]
+_JSON_ATTRS = ("condition_names", "patch_grid")
+
+
+def save_feature_stats(stats: FeatureStats, path: str | Path) -> Path:
+    """Write ``stats`` to one HDF5 file (a directory gets ``feature_stats.h5`` inside); atomic."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / FILENAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            for name in _ARRAYS:
+                f.create_dataset(name, data=np.asarray(getattr(stats, name)))
+            for key, value in stats.attrs.items():
+                f.attrs[key] = json.dumps(value) if key in _JSON_ATTRS else value
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fsync_dir(path.parent)
+    return path
+
+
+def load_feature_stats(path: str | Path) -> FeatureStats:
+    """Read a file written by :func:`save_feature_stats` (or the directory holding ``feature_stats.h5``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / FILENAME
+    if not path.is_file():
+        raise TideError(f"{path} does not exist; compute it with tide.analysis.compute_feature_stats and save_feature_stats")
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+            if attrs.get("schema") != SCHEMA:
+                raise TideError(f"{path} is not a feature statistics file (schema {attrs.get('schema')!r})")
+            if attrs.get("schema_version") != SCHEMA_VERSION:
+                raise TideError(f"{path} has schema_version {attrs.get('schema_version')!r}; this tide reads "
+                                f"{SCHEMA_VERSION}: recompute it")
+            missing = [n for n in _ARRAYS if n not in f]
+            if missing:
+                raise TideError(f"{path} lacks {missing}; recompute it")
+            arrays = {n: f[n][()] for n in _ARRAYS}
+    except OSError as exc:
+        raise TideError(f"{path} cannot be read as HDF5 ({exc}); recompute it") from None
+    for key in _JSON_ATTRS:
+        if key in attrs:
+            attrs[key] = json.loads(attrs[key])
+    return FeatureStats(**arrays, attrs=attrs)
