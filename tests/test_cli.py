@@ -52,3 +52,24 @@ def test_cli_errors_are_one_clear_line_and_exit_2(argv, message, tiny_dit_dir, t
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.png").exists()
+
+
+def test_stats_and_dashboard_commands(tiny_dit_dir, tmp_path, capsys):
+    import torch
+
+    from tide.capture import CaptureConfig, capture
+    from tide.sae import SAE, SAEConfig, save_sae
+
+    hook = "blocks.1.hook_resid_post"
+    capture(CaptureConfig(backbone=str(tiny_dit_dir), out=str(tmp_path / "ds"), hooks=[hook], num_samples=4,
+                          num_steps=3, device="cpu"), progress=False)
+    torch.manual_seed(0)
+    save_sae(SAE(SAEConfig(d_in=16, d_sae=32, k=4, normalization="none", hook=hook)), tmp_path / "sae")
+    assert main(["stats", "--sae", str(tmp_path / "sae"), "--data", str(tmp_path / "ds"),
+                 "--out", str(tmp_path / "stats.h5"), "--device", "cpu"]) == 0
+    assert main(["dashboard", "--stats", str(tmp_path / "stats.h5"), "--out", str(tmp_path / "dash"),
+                 "--max-features", "2", "--images-per-feature", "1", "--device", "cpu", "--no-progress"]) == 0
+    assert (tmp_path / "dash" / "index.html").exists()
+    assert "open it in a browser" in capsys.readouterr().out
+    assert main(["stats", "--sae", str(tmp_path / "sae"), "--data", str(tmp_path / "ds"), "--cfg-branch", "x",
+                 "--out", str(tmp_path / "s2.h5"), "--device", "cpu"]) == 2

@@ -8,13 +8,15 @@ from tide.cli import main
 def test_demo_runs_every_stage_and_reports_its_artefacts(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--n-per-class", "1", "--num-steps", "8", "--capture-samples", "10",
-                 "--train-steps", "20", "--d-sae", "256", "--k", "8", "--splice-samples", "1", "--device", "cpu"]) == 0
+                 "--train-steps", "20", "--d-sae", "256", "--k", "8", "--splice-samples", "1", "--dashboard-features", "3",
+                 "--device", "cpu"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("hooks", "samples", "activations", "sae", "eval_tide", "eval_plain"):
+    for key in ("hooks", "samples", "activations", "sae", "eval_tide", "eval_plain", "feature_stats", "dashboard"):
         assert key in summary["artefacts"]
     assert (out / "samples.png").stat().st_size > 1000
     assert summary["capture"]["rows"] == 10 * 8 * 49
     assert 0 < summary["eval"]["tide"]["reconstruction"]["overall"]["fvu"] < 1.5
     assert (out / "eval" / "tide" / "eval.png").exists()
+    assert (out / "dashboard" / "index.html").exists() and list((out / "dashboard" / "features").glob("f*.html"))
     printed = capsys.readouterr().out
     assert str(out / "summary.json") in printed

@@ -112,6 +112,20 @@ def _eval(config) -> int:
     return 0
 
 
+def _stats(config) -> int:
+    path = config.run()
+    print(f"feature statistics -> {path}")
+    return 0
+
+
+def _dashboard(config) -> int:
+    from tide.analysis.dashboard import export_dashboard
+
+    index = export_dashboard(config)
+    print(f"dashboard -> {index} (open it in a browser; no server needed)")
+    return 0
+
+
 def _demo(config) -> int:
     from tide.demo import run_demo
 
@@ -121,6 +135,8 @@ def _demo(config) -> int:
 
 
 def commands() -> list[Command]:
+    from tide.analysis.dashboard import DashboardConfig
+    from tide.analysis.feature_stats import FeatureStatsConfig
     from tide.capture import CaptureConfig
     from tide.demo import DemoConfig
     from tide.sampling import GenerateConfig
@@ -135,6 +151,10 @@ def commands() -> list[Command]:
                 TrainConfig, _train),
         Command("eval", "evaluate an SAE: per-timestep reconstruction and spliced fidelity -> eval.json, eval.png",
                 EvalConfig, _eval),
+        Command("stats", "per-feature statistics of an SAE over a dataset (one streaming pass)", FeatureStatsConfig,
+                _stats),
+        Command("dashboard", "export a static HTML dashboard of SAE features (opens from file://)", DashboardConfig,
+                _dashboard),
         Command("demo", "run the whole pipeline end to end on the embedded model", DemoConfig, _demo),
     ]
 

@@ -3,7 +3,8 @@
 Stages so far: load the embedded DiT, list its hooks, sample a class-conditional grid with
 classifier-free guidance, score the samples with the evaluation classifier, capture the
 residual stream at every denoising step into an HDF5 dataset (verified and summarised), train a
-TIDE and a plain SAE on it in one pass, and evaluate both (per-timestep FVU, spliced fidelity).
+TIDE and a plain SAE on it in one pass, evaluate both (per-timestep FVU, spliced fidelity), map the
+TIDE SAE's features in one streaming pass and export a static dashboard.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class DemoConfig(BackboneConfig):
     """Active latents per row of the demo's SAEs."""
     splice_samples: int = 2
     """Samples per class generated with each SAE spliced in at every step (0 skips it)."""
+    dashboard_features: int = 16
+    """Features of the TIDE SAE shown in the demo dashboard (the most frequent ones)."""
 
 
 def run_demo(config: DemoConfig) -> dict:
@@ -138,6 +141,26 @@ def run_demo(config: DemoConfig) -> dict:
         print(f"[demo] {spec.name} SAE: FVU {rec['fvu']:.3f}, L0 {rec['l0']:.1f}, dead {rec['dead_fraction']:.1%} "
               f"-> {out / 'eval' / spec.name / 'eval.png'}")
     artefacts["sae"] = run.out
+
+    # 6. feature statistics of the TIDE SAE, then a static dashboard
+    from tide.analysis import compute_feature_stats, save_feature_stats
+    from tide.analysis.dashboard import DashboardConfig, export_dashboard
+
+    start = time.perf_counter()
+    stats = compute_feature_stats(str(out / "sae" / "tide"), cap.out, device=backbone.device, progress=False)
+    stats_path = save_feature_stats(stats, out / "feature_stats.h5")
+    seconds = time.perf_counter() - start
+    alive = int((stats.frequency > 0).sum())
+    summary["feature_stats"] = {"path": str(stats_path), "rows": int(stats.rows), "alive_features": alive,
+                                "seconds": round(seconds, 2)}
+    artefacts["feature_stats"] = str(stats_path)
+    print(f"[demo] feature statistics of {alive} firing features over {stats.rows:,} rows in {seconds:.1f} s "
+          f"-> {stats_path}")
+    index = export_dashboard(DashboardConfig(stats=str(stats_path), out=str(out / "dashboard"),
+                                             max_features=config.dashboard_features, images_per_feature=3,
+                                             device=config.device, progress=False), backbone=backbone)
+    artefacts["dashboard"] = str(index)
+    print(f"[demo] dashboard -> open {index}")
 
     summary["artefacts"] = artefacts
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))

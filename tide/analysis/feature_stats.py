@@ -442,3 +442,35 @@ def load_feature_stats(path: str | Path) -> FeatureStats:
         if key in attrs:
             attrs[key] = json.loads(attrs[key])
     return FeatureStats(**arrays, attrs=attrs)
+
+
+@dataclasses.dataclass
+class FeatureStatsConfig:
+    """`tide stats`: per-feature statistics of an SAE over a captured dataset, in one pass."""
+
+    sae: str = "runs/sae/tide"
+    """SAE directory (cfg.json + sae.safetensors)."""
+    data: str = "runs/capture"
+    """Captured dataset directory."""
+    out: str = "runs/feature_stats.h5"
+    """Output HDF5 file (or a directory to put feature_stats.h5 in)."""
+    top_k: int = 16
+    """Top-activating occurrences kept per feature."""
+    batch_size: int = 4096
+    """Rows per SAE batch."""
+    cfg_branch: str = "cond"
+    """CFG rows to analyse: cond, uncond or both."""
+    device: str = "auto"
+    """cpu, cuda[:N], or auto."""
+
+    def run(self, progress: bool = True) -> Path:
+        from tide.device import resolve_device
+        from tide.errors import TideError
+
+        branches = {"cond": 0, "uncond": 1, "both": None}
+        if self.cfg_branch not in branches:
+            raise TideError(f"cfg_branch must be cond, uncond or both, got {self.cfg_branch!r}")
+        stats = compute_feature_stats(self.sae, self.data, top_k=self.top_k, batch_size=self.batch_size,
+                                      device=resolve_device(self.device), progress=progress,
+                                      cfg_branch=branches[self.cfg_branch])
+        return save_feature_stats(stats, self.out)
