@@ -8,15 +8,18 @@ STAMP  := $(VENV)/.tide-installed
 
 .PHONY: setup system-deps demo test clean
 
-# Debian packages the project reads at run time: the real labelled data behind the embedded model.
-FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
-SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Debian packages the project uses: the real labelled data behind the embedded model, and the headless
+# browser the dashboard tests open pages in.
+DEBS     := dataset-fashion-mnist chromium chromium-driver
+FMNIST   := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+BROWSER  := /usr/bin/chromedriver
+SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT      := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends
 
-$(FMNIST):
-	$(SUDO) apt-get install -y --no-install-recommends dataset-fashion-mnist \
-	  || ($(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends dataset-fashion-mnist)
+$(FMNIST) $(BROWSER):
+	$(APT) $(DEBS) || ($(SUDO) apt-get update && $(APT) $(DEBS))
 
-system-deps: $(FMNIST)
+system-deps: $(FMNIST) $(BROWSER)
 
 $(STAMP): pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
