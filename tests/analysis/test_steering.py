@@ -1,0 +1,164 @@
+import pytest
+import torch
+
+from tide.analysis.steering import FeatureEdit, edit_generation, save_before_after, steering_intervention
+from tide.errors import TideError
+from tide.hooks import COND, UNCOND, StepContext, step_context
+from tide.sae.config import SAEConfig
+from tide.sae.model import SAE
+from tide.sampling import Intervention, SamplerConfig, sample
+
+HOOK = "blocks.1.hook_resid_post"
+CFG = SamplerConfig(num_steps=4, guidance_scale=2.0)
+
+
+def make_sae(device, conditioning="none", d_in=16, hook=HOOK):
+    torch.manual_seed(1)
+    sae = SAE(SAEConfig(d_in=d_in, d_sae=32, k=4, normalization="none", conditioning=conditioning, hook=hook))
+    with torch.no_grad():
+        sae.W_enc.normal_()
+        sae.b_dec.normal_(std=0.1)
+    return sae.to(device).eval()
+
+
+@pytest.fixture
+def sae(device):
+    return make_sae(device)
+
+
+def ctx(t=500.0, branches=(COND, COND)):
+    b = len(branches)
+    return StepContext(1, 4, t, torch.tensor(branches, dtype=torch.int8), torch.arange(b), torch.zeros(b, dtype=torch.long))
+
+
+def call(iv, x, t=500.0, branches=(COND, COND)):
+    c = ctx(t, branches)
+    with step_context(c), torch.no_grad():
+        return iv.bound_fn(c)(x, None)
+
+
+def recorder(store):
+    from tide.hooks import current_step
+
+    return Intervention(HOOK, lambda a, hook: store.append((current_step().step_index, a.detach().clone())))
+
+
+def test_noop_edit_reproduces_the_clean_samples(tiny_dit, sae):
+    clean = sample(tiny_dit, [0, 3], seeds=[4, 5], config=CFG)
+    iv = steering_intervention(sae, [FeatureEdit(3, "add", alpha=0.0), FeatureEdit(7, "add", alpha=0.0)])
+    same = sample(tiny_dit, [0, 3], seeds=[4, 5], config=CFG, interventions=[iv])
+    torch.testing.assert_close(same.latents, clean.latents, atol=1e-6, rtol=0)
+
+
+def test_ablate_changes_the_output(tiny_dit, sae):
+    clean = sample(tiny_dit, [1], seeds=[2], config=CFG)
+    iv = steering_intervention(sae, [FeatureEdit(f, "ablate") for f in range(32)])
+    edited = sample(tiny_dit, [1], seeds=[2], config=CFG, interventions=[iv])
+    assert (edited.latents - clean.latents).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("conditioning", ["none", "tide"])
+def test_add_adds_exactly_alpha_times_the_folded_decoder_row(device, conditioning):
+    sae = make_sae(device, conditioning)
+    if sae.modulation is not None:  # make the folded directions depend on t
+        with torch.no_grad():
+            for p in sae.modulation.parameters():
+                p.normal_(std=0.3)
+    x = torch.randn(2, 16, 16, device=device)
+    iv = steering_intervention(sae, [FeatureEdit(5, "add", alpha=2.5), FeatureEdit(9, "add", alpha=-1.0)])
+    for t in (900.0, 100.0, 900.0):  # the second 900 comes from the fold cache
+        out = call(iv, x, t)
+        W = sae.fold(t).W_dec[0]
+        torch.testing.assert_close(out - x, (2.5 * W[5] - W[9]).expand_as(x), atol=1e-5, rtol=1e-5)
+
+
+def test_clamp_and_ablate_keep_the_error_term(device, sae):
+    x = torch.randn(2, 16, 16, device=device)
+    t = 300.0
+    z = sae.encode(x.reshape(-1, 16), torch.full((32,), t, device=device)).detach()
+    f = int(z.ne(0).sum(0).argmax())  # a feature active on some tokens
+    W = sae.fold(t).W_dec[0]
+    out = call(steering_intervention(sae, [FeatureEdit(f, "ablate")]), x, t)
+    expect = x.reshape(-1, 16) - z[:, f:f + 1] * W[f]
+    torch.testing.assert_close(out.reshape(-1, 16), expect, atol=1e-5, rtol=1e-5)
+    # clamp plus add at once: one delta each
+    out = call(steering_intervention(sae, [FeatureEdit(f, "clamp", value=3.0), FeatureEdit(0, "add", alpha=1.5)]), x, t)
+    expect = x.reshape(-1, 16) + (3.0 - z[:, f:f + 1]) * W[f] + 1.5 * W[0]
+    torch.testing.assert_close(out.reshape(-1, 16), expect, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_masked_edit_leaves_other_tokens_untouched(device, sae, flat):
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[1:3, 2:] = True
+    x = torch.randn(2, 16, 16, device=device)
+    iv = steering_intervention(sae, [FeatureEdit(2, "add", alpha=4.0), FeatureEdit(6, "clamp", value=2.0)],
+                               mask=mask.flatten() if flat else mask)
+    out = call(iv, x)
+    m = mask.flatten().to(device)
+    assert torch.equal(out[:, ~m], x[:, ~m])
+    assert (out[:, m] - x[:, m]).abs().amin(-1).min() > 0
+
+
+def test_branch_restriction(device, sae):
+    x = torch.randn(2, 16, 16, device=device)
+    for branch, changed in (("cond", [True, False]), ("uncond", [False, True]), ("both", [True, True])):
+        iv = steering_intervention(sae, [FeatureEdit(1, "add", alpha=3.0)], branch=branch)
+        out = call(iv, x, branches=(COND, UNCOND))
+        assert [not torch.equal(out[i], x[i]) for i in range(2)] == changed
+
+
+def test_window_edits_only_the_chosen_steps(tiny_dit, sae):
+    clean, edited = [], []
+    sample(tiny_dit, [2], seeds=[9], config=CFG, interventions=[recorder(clean)])
+    iv = steering_intervention(sae, [FeatureEdit(4, "add", alpha=5.0)], steps=(2, 4))
+    sample(tiny_dit, [2], seeds=[9], config=CFG, interventions=[iv, recorder(edited)])
+    assert [s for s, _ in edited] == [0, 1, 2, 3]
+    for (step, a), (_, b) in zip(clean, edited):
+        if step < 2:
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
+        else:
+            assert (b - a).abs().max() > 1.0
+
+
+def test_edit_generation_before_is_the_plain_sample_and_grid_is_written(tiny_dit, sae, tmp_path):
+    edits = [FeatureEdit(f, "ablate") for f in range(32)]
+    before, after = edit_generation(tiny_dit, sae, [0, 1, 2], [11, 12, 13], CFG, edits, from_step=1)
+    plain = sample(tiny_dit, [0, 1, 2], seeds=[11, 12, 13], config=CFG)
+    assert torch.equal(before.images, plain.images) and torch.equal(before.latents, plain.latents)
+    assert (after.latents - before.latents).abs().max() > 1e-4
+    path = save_before_after(before, after, tmp_path / "edit.png", ncol=2)
+    assert path.exists() and path.stat().st_size > 0
+    with pytest.raises(TideError, match="two labels"):
+        save_before_after(before, after, tmp_path / "x.png", row_labels=["a"])
+
+
+def test_errors(tiny_dit, sae, device):
+    with pytest.raises(TideError, match=r"0\.\.31"):
+        steering_intervention(sae, [FeatureEdit(32, "add", alpha=1.0)])
+    with pytest.raises(TideError, match="mode"):
+        FeatureEdit(0, "scale")
+    # a window outside the schedule is refused when sampling
+    iv = steering_intervention(sae, [FeatureEdit(0, "add", alpha=1.0)], steps=(10, 12))
+    with pytest.raises(TideError, match="active at no step"):
+        sample(tiny_dit, [0], seeds=[0], config=CFG, interventions=[iv])
+    with pytest.raises(TideError, match="outside the 4-step schedule"):
+        edit_generation(tiny_dit, sae, [0], [0], CFG, [FeatureEdit(0, "ablate")], from_step=4)
+    # wrong mask shape names the expected one
+    bad = steering_intervention(sae, [FeatureEdit(0, "add", alpha=1.0)], mask=torch.ones(3, 3, dtype=torch.bool))
+    with pytest.raises(TideError, match=r"\(16,\)"):
+        call(bad, torch.randn(2, 16, 16, device=device))
+    with pytest.raises(TideError, match=r"\(4, 4\)"):
+        edit_generation(tiny_dit, sae, [0], [0], CFG, [FeatureEdit(0, "ablate")], mask=torch.ones(3, 3, dtype=torch.bool))
+    with pytest.raises(TideError, match="bool"):
+        steering_intervention(sae, [FeatureEdit(0, "ablate")], mask=torch.ones(4, 4))
+    # an SAE trained on another hook
+    with pytest.raises(TideError, match="blocks.1.hook_resid_post.*blocks.2.hook_resid_post"):
+        steering_intervention(sae, [FeatureEdit(0, "ablate")], hook="blocks.2.hook_resid_post")
+    # SAE width differs from the activations': refused at the first call
+    narrow = steering_intervention(make_sae(device, d_in=8), [FeatureEdit(0, "ablate")])
+    with pytest.raises(TideError, match="width 16.*d_in=8"):
+        sample(tiny_dit, [0], seeds=[0], config=CFG, interventions=[narrow])
+    # outside the sampler there is no timestep
+    with pytest.raises(TideError, match="step context"):
+        steering_intervention(sae, [FeatureEdit(0, "ablate")]).fn(torch.randn(1, 16, 16, device=device), None)

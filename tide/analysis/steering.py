@@ -1,0 +1,209 @@
+"""Steering and editing with SAE features inside the sampling loop.
+
+At the SAE's hook, every (row, token) activation ``x`` at timestep ``t`` is edited in latent space
+while the SAE's error term is kept:
+
+    x_new = x + decode_t(z_edited) - decode_t(z)
+
+so features that are not edited, and whatever the SAE fails to reconstruct, pass through exactly.
+Because the decoder is linear at a fixed ``t`` this difference is ``sum_f (z'_f - z_f) d_f(t)``,
+with ``d_f(t)`` row ``f`` of the decoder of the SAE folded at ``t`` (:meth:`tide.sae.model.SAE.fold`,
+the decoder direction in raw activation space). Edits:
+
+* ``add``: ``x += alpha * d_f(t)`` (no encoding needed);
+* ``clamp``: set ``z_f`` to ``value``;
+* ``ablate``: clamp to 0.
+
+An edit can be restricted to a window of steps or timesteps, to CFG branches and to a spatial mask
+over the image tokens. :func:`edit_generation` re-runs generations from the same seeds with the
+edit applied from a given step on, so the trajectory up to that step is the original one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from tide.errors import TideError
+from tide.eval.metrics import check_sae_hook
+from tide.eval.splice import check_splice, eval_mode
+from tide.hooks import HookedBackbone, current_step
+from tide.sampling import Intervention, SampleOutput, SamplerConfig, sample
+
+MODES = ("add", "clamp", "ablate")
+
+
+@dataclass(frozen=True)
+class FeatureEdit:
+    """One edit of one SAE feature."""
+
+    feature: int
+    """Latent index in [0, d_sae)."""
+    mode: str = "add"
+    """``add`` (alpha times the decoder direction), ``clamp`` (latent set to ``value``) or ``ablate``."""
+    alpha: float = 0.0
+    """Strength of ``add``, in units of the folded decoder row."""
+    value: float = 0.0
+    """The latent's value under ``clamp``."""
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise TideError(f"feature edit mode must be one of {MODES}, got {self.mode!r}")
+
+
+def _check_edits(edits: Sequence[FeatureEdit], d_sae: int) -> list[FeatureEdit]:
+    edits = list(edits)
+    if not edits:
+        raise TideError("no feature edits given: pass at least one FeatureEdit")
+    for e in edits:
+        if not isinstance(e, FeatureEdit):
+            raise TideError(f"expected FeatureEdit objects, got {type(e).__name__}")
+        if not 0 <= int(e.feature) < d_sae:
+            raise TideError(f"feature id {e.feature} is out of range: this SAE has features 0..{d_sae - 1}")
+    return edits
+
+
+def _check_mask(mask) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    mask = torch.as_tensor(mask)
+    if mask.dtype != torch.bool:
+        raise TideError(f"the spatial mask must be a bool tensor, got dtype {mask.dtype}")
+    if mask.dim() not in (1, 2):
+        raise TideError(f"the spatial mask must have shape (rows, cols) of the patch grid or (num_tokens,), "
+                        f"got shape {tuple(mask.shape)}")
+    return mask
+
+
+def _mask_error(mask: torch.Tensor, tokens: int, grid: tuple[int, int] | None = None) -> TideError:
+    expected = f"{tuple(grid)} (the patch grid) or ({tokens},)" if grid else f"({tokens},) or a (rows, cols) patch grid with {tokens} cells"
+    return TideError(f"the spatial mask has shape {tuple(mask.shape)} but the hook carries {tokens} tokens: "
+                     f"expected shape {expected}")
+
+
+def steering_fn(sae, edits: Sequence[FeatureEdit], mask=None, hook_name: str = "?"):
+    """The hook function of :func:`steering_intervention` (reads the timestep from the step context)."""
+    edits = _check_edits(edits, sae.cfg.d_sae)
+    mask = _check_mask(mask)
+    param = next(sae.parameters())
+    ids = torch.tensor([int(e.feature) for e in edits], device=param.device)
+    add_K = torch.tensor([float(e.alpha) if e.mode == "add" else 0.0 for e in edits], device=param.device, dtype=param.dtype)
+    is_set_K = torch.tensor([e.mode != "add" for e in edits], device=param.device)
+    set_K = torch.tensor([float(e.value) if e.mode == "clamp" else 0.0 for e in edits], device=param.device, dtype=param.dtype)
+    needs_encode = bool(is_set_K.any())
+    directions: dict[float, torch.Tensor] = {}  # timestep -> (K, D) folded decoder rows of the edited features
+
+    def direction_KD(t: float) -> torch.Tensor:
+        if t not in directions:
+            with eval_mode(sae):
+                directions[t] = sae.fold(t).W_dec[0][ids].detach()
+        return directions[t]
+
+    def fn(act: torch.Tensor, hook=None) -> torch.Tensor:
+        ctx = current_step()
+        if ctx is None:
+            raise TideError("steering reads the timestep from the sampler's step context: run it inside "
+                            "tide.sampling.sample (or within tide.hooks.step_context)")
+        if act.shape[-1] != sae.cfg.d_in:
+            raise TideError(f"hook {hook_name!r} carries activations of width {act.shape[-1]} but the SAE was built "
+                            f"for d_in={sae.cfg.d_in}: load an SAE trained on this hook of this backbone")
+        t = float(ctx.timestep)
+        d_KD = direction_KD(t)
+        x = act.to(param.device, param.dtype)
+        x_ND = x.reshape(-1, x.shape[-1])
+        coef_NK = add_K.expand(len(x_ND), -1)
+        if needs_encode:
+            with torch.no_grad(), eval_mode(sae):
+                z_NK = sae.encode(x_ND, torch.full((len(x_ND),), t, device=param.device))[:, ids]
+            coef_NK = torch.where(is_set_K, set_K - z_NK, coef_NK)
+        delta = (coef_NK @ d_KD).reshape(x.shape)
+        if mask is not None:
+            if act.dim() != 3 or mask.numel() != act.shape[1]:
+                raise _mask_error(mask, act.shape[1] if act.dim() == 3 else -1)
+            delta = delta * mask.reshape(1, -1, 1).to(delta.device, delta.dtype)
+        return (x + delta).to(act.device, act.dtype)
+
+    return fn
+
+
+def steering_intervention(sae, edits: Sequence[FeatureEdit], steps: tuple[int, int] | None = None,
+                          timesteps: tuple[float, float] | None = None, mask=None, branch: str = "both",
+                          hook: str | None = None) -> Intervention:
+    """An :class:`~tide.sampling.Intervention` editing SAE features at the SAE's hook.
+
+    ``steps`` / ``timesteps``: the window (checked against the schedule by :func:`~tide.sampling.sample`);
+    ``mask``: bool tensor over the patch grid (rows, cols) or the tokens (T,), edits only where True;
+    ``branch``: ``cond``, ``uncond`` or ``both``; ``hook``: defaults to ``sae.cfg.hook`` and must match it.
+    """
+    trained = getattr(sae.cfg, "hook", "") or ""
+    if hook is None:
+        if not trained:
+            raise TideError("the SAE's config names no hook: pass hook=... to steering_intervention")
+        hook = trained
+    check_sae_hook(sae, hook)
+    if steps is not None and (len(steps) != 2 or steps[0] >= steps[1]):
+        raise TideError(f"steps must be a (start, stop) window with start < stop, got {steps}")
+    if timesteps is not None and (len(timesteps) != 2 or timesteps[0] > timesteps[1]):
+        raise TideError(f"timesteps must be a (low, high) window with low <= high, got {timesteps}")
+    return Intervention(hook, steering_fn(sae, edits, mask, hook), steps=tuple(steps) if steps else None,
+                        timesteps=tuple(timesteps) if timesteps else None, branch=branch)
+
+
+def edit_generation(model, sae, conds: Sequence[int], seeds: Sequence[int], sampler_config: SamplerConfig | None,
+                    edits: Sequence[FeatureEdit], from_step: int = 0, to_step: int | None = None, mask=None,
+                    branch: str = "both", hook: str | None = None, progress: bool = False,
+                    decode: bool = True) -> tuple[SampleOutput, SampleOutput]:
+    """Generate ``conds`` with ``seeds`` plainly (``before``) and again with the edits applied at steps
+    [from_step, to_step) (``after``; to_step defaults to the end). Steps before ``from_step`` follow the
+    original trajectory, so ``after`` is the original generation edited from that step on."""
+    config = sampler_config or SamplerConfig()
+    backbone = model.backbone if isinstance(model, HookedBackbone) else model
+    hook = hook or (getattr(sae.cfg, "hook", "") or None)
+    if hook is None:
+        raise TideError("the SAE's config names no hook: pass hook=... to edit_generation")
+    check_splice(sae, HookedBackbone.of(backbone), hook)
+    n = config.num_steps
+    stop = n if to_step is None else int(to_step)
+    if not 0 <= int(from_step) < stop <= n:
+        raise TideError(f"edit window steps [{from_step}, {stop}) lies outside the {n}-step schedule: "
+                        f"need 0 <= from_step < to_step <= {n}")
+    checked = _check_mask(mask)
+    if checked is not None and ".hook_txt_" not in hook:
+        grid = tuple(backbone.patch_grid)
+        if tuple(checked.shape) not in (grid, (grid[0] * grid[1],)):
+            raise _mask_error(checked, grid[0] * grid[1], grid)
+    iv = steering_intervention(sae, edits, steps=(int(from_step), stop), mask=checked, branch=branch, hook=hook)
+    before = sample(model, conds, seeds, config, progress=progress, decode=decode)
+    after = sample(model, conds, seeds, config, interventions=[iv], progress=progress, decode=decode)
+    return before, after
+
+
+def save_before_after(before: SampleOutput, after: SampleOutput, path, row_labels: Sequence[str] | None = None,
+                      ncol: int | None = None, title: str | None = None) -> Path:
+    """A PNG grid: each sample a column, its original above its edited version; ``ncol`` samples per
+    row pair (default all). ``row_labels``: two labels (default ``before``/``after``), repeated per pair."""
+    from tide.images import save_grid
+
+    a, b = before.images, after.images
+    if a.numel() == 0 or b.numel() == 0:
+        raise TideError("the samples carry no images: generate them with decode=True")
+    if a.shape != b.shape:
+        raise TideError(f"before and after images differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+    labels = list(row_labels) if row_labels is not None else ["before", "after"]
+    if len(labels) != 2:
+        raise TideError(f"row_labels needs two labels (before, after), got {len(labels)}")
+    n = len(a)
+    ncol = n if ncol is None else max(1, min(int(ncol), n))
+    chunks, rows = [], []
+    for start in range(0, n, ncol):
+        pa, pb = a[start:start + ncol], b[start:start + ncol]
+        pad = ncol - len(pa)
+        if pad:
+            blank = torch.ones(pad, *a.shape[1:], dtype=a.dtype)
+            pa, pb = torch.cat([pa, blank]), torch.cat([pb, blank])
+        chunks += [pa, pb]
+        rows += labels
+    return save_grid(torch.cat(chunks), path, nrow=ncol, row_labels=rows, title=title)
