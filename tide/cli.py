@@ -126,6 +126,16 @@ def _dashboard(config) -> int:
     return 0
 
 
+def _steer(config) -> int:
+    summary = config.run()
+    line = f"wrote {summary['grid']} (mean pixel change {summary['pixel_change']:.3f})"
+    if "target_rate_after" in summary:
+        line += (f"; classified as {summary['target_class']}: {summary['target_rate_before']:.0%} before, "
+                 f"{summary['target_rate_after']:.0%} after")
+    print(line)
+    return 0
+
+
 def _demo(config) -> int:
     from tide.demo import run_demo
 
@@ -137,6 +147,7 @@ def _demo(config) -> int:
 def commands() -> list[Command]:
     from tide.analysis.dashboard import DashboardConfig
     from tide.analysis.feature_stats import FeatureStatsConfig
+    from tide.analysis.steering import SteerConfig
     from tide.capture import CaptureConfig
     from tide.demo import DemoConfig
     from tide.sampling import GenerateConfig
@@ -155,6 +166,7 @@ def commands() -> list[Command]:
                 _stats),
         Command("dashboard", "export a static HTML dashboard of SAE features (opens from file://)", DashboardConfig,
                 _dashboard),
+        Command("steer", "generate with SAE features added, clamped or ablated; before/after grid", SteerConfig, _steer),
         Command("demo", "run the whole pipeline end to end on the embedded model", DemoConfig, _demo),
     ]
 

@@ -162,3 +162,21 @@ def test_errors(tiny_dit, sae, device):
     # outside the sampler there is no timestep
     with pytest.raises(TideError, match="step context"):
         steering_intervention(sae, [FeatureEdit(0, "ablate")]).fn(torch.randn(1, 16, 16, device=device), None)
+
+
+def test_steer_command_writes_a_grid_and_names_bad_input(tiny_dit_dir, tmp_path, capsys):
+    from tide.cli import main
+    from tide.sae import SAE, SAEConfig, save_sae
+
+    torch.manual_seed(0)
+    save_sae(SAE(SAEConfig(d_in=16, d_sae=32, k=4, normalization="none", hook="blocks.1.hook_resid_post")),
+             tmp_path / "sae")
+    args = ["steer", "--sae", str(tmp_path / "sae"), "--backbone", str(tiny_dit_dir), "--classes", "0,1", "--n", "2",
+            "--num-steps", "4", "--device", "cpu", "--out", str(tmp_path / "steer.png")]
+    assert main(args + ["--features", "3,5", "--alpha", "2", "--mask", "upper"]) == 0
+    assert (tmp_path / "steer.png").exists() and (tmp_path / "steer.json").exists()
+    assert main(args + ["--features", "99"]) == 2
+    assert main(args + ["--features", "3", "--mask", "middle"]) == 2
+    assert main(args + ["--features", "3", "--from-step", "6"]) == 2
+    err = capsys.readouterr().err
+    assert "0..31" in err and "unknown mask region 'middle'" in err and "outside the 4-step schedule" in err
