@@ -11,12 +11,13 @@ def test_demo_runs_every_stage_and_reports_its_artefacts(tmp_path, capsys):
                  "--train-steps", "20", "--d-sae", "256", "--k", "8", "--splice-samples", "1", "--dashboard-features", "3",
                  "--device", "cpu"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("hooks", "samples", "activations", "sae", "eval_tide", "eval_plain", "feature_stats", "dashboard"):
+    for key in ("hooks", "samples", "activations", "sae", "eval_tide", "eval_plain", "feature_stats", "dashboard", "steering"):
         assert key in summary["artefacts"]
     assert (out / "samples.png").stat().st_size > 1000
     assert summary["capture"]["rows"] == 10 * 8 * 49
     assert 0 < summary["eval"]["tide"]["reconstruction"]["overall"]["fvu"] < 1.5
     assert (out / "eval" / "tide" / "eval.png").exists()
     assert (out / "dashboard" / "index.html").exists() and list((out / "dashboard" / "features").glob("f*.html"))
+    assert 0 <= summary["steering"]["target_rate_after"] <= 1 and (out / "steering.png").exists()
     printed = capsys.readouterr().out
     assert str(out / "summary.json") in printed

@@ -9,7 +9,7 @@ from nbclient import NotebookClient
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 
-@pytest.mark.parametrize("name", ["quickstart.ipynb", "feature_atlas.ipynb"])
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "feature_atlas.ipynb", "steering.ipynb"])
 def test_notebook_executes(name, tmp_path, monkeypatch):
     monkeypatch.setenv("TIDE_NOTEBOOK_RUN", str(tmp_path))
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
