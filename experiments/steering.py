@@ -161,8 +161,6 @@ def main() -> None:
                         "others_agreement_drop": float((base_o == tgt).mean() - (pr_o == tgt).mean())})
         print("remove", names[c], removal[-1]["removal_rate"], removal[-1]["others_agreement_drop"], flush=True)
     timings["removal_s"] = time.perf_counter() - t0
-    out.with_suffix(".partial.json").write_text(json.dumps({"baseline_agreement": baseline, "steering": steer,
-                                                            "removal": removal, "timings_s": timings}, default=str))
 
     # ---------------------------------------------------------------- 3. preservation (masked edit)
     t0 = time.perf_counter()
