@@ -237,8 +237,8 @@ class SAE(nn.Module):
         device = self.W_enc.device
         t_B = torch.tensor([float(t)], device=device)
         b = int(bucket_index(t_B, cfg.num_buckets, cfg.t_max)) if cfg.conditioning == "bucket" else 0
-        mu = self._norm(t_B)[0][0]
-        sigma = self._norm(t_B)[1][0, 0]
+        mu_BD, sigma_B1 = self._norm(t_B)
+        mu, sigma = mu_BD[0], sigma_B1[0, 0]
         if self.modulation is not None:
             s, h = (v[0] for v in self.modulation(t_B))
         else:

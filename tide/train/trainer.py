@@ -328,11 +328,13 @@ class Trainer:
                             f"`tide data verify {self.store.path}`)")
                     f = self.dist.any(fired(sae, out, t_B))
                     self.rows_since_fired[name] = torch.where(f, 0, self.rows_since_fired[name] + rows_per_step)
-                    metrics[name] = {"loss": losses.loss.item(), "fvu": losses.fvu.item(), "l0": losses.l0.item(),
-                                     "aux": losses.aux.item(), "dead": dead.float().mean().item()}
+                    # tensors until a log step: converting every step would sync the device once per metric
+                    metrics[name] = {"loss": losses.loss.detach(), "fvu": losses.fvu, "l0": losses.l0,
+                                     "aux": losses.aux, "dead": dead.float().mean()}
                 self.step += 1
                 bar.update(1)
                 if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
+                    metrics = {name: {k: v.item() for k, v in m.items()} for name, m in metrics.items()}
                     record = {"step": self.step, "lr": self.cfg.lr * lr_factor(self.step - 1, self.cfg), **metrics}
                     self.history.append(record)
                     logger.log(record)
