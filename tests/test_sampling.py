@@ -36,10 +36,20 @@ def test_stochastic_scheduler_noise_is_per_sample_too(tiny_dit):
 def test_cfg_changes_the_sample_and_guidance_one_runs_no_null_half(tiny_dit):
     sizes = []
     rec = Intervention("blocks.0.hook_resid_pre", lambda a, hook: sizes.append(a.shape[0]))
-    plain = sample(tiny_dit, [1], seeds=[3], config=SamplerConfig(num_steps=4), interventions=[rec])
+    plain = sample(tiny_dit, [1], seeds=[3], config=SamplerConfig(num_steps=4, guidance_scale=1.0), interventions=[rec])
     guided = sample(tiny_dit, [1], seeds=[3], config=SamplerConfig(num_steps=4, guidance_scale=4.0), interventions=[rec])
     assert sizes == [1] * 4 + [2] * 4
     assert (plain.latents - guided.latents).abs().max() > 1e-3
+
+
+def test_guidance_defaults_to_the_family_pipeline_unless_tide_json_sets_it(tiny_dit):
+    assert tiny_dit.default_guidance_scale == 4.0  # DiTPipeline's default
+    default = sample(tiny_dit, [1], seeds=[3], config=SamplerConfig(num_steps=3))
+    four = sample(tiny_dit, [1], seeds=[3], config=SamplerConfig(num_steps=3, guidance_scale=4.0))
+    torch.testing.assert_close(default.latents, four.latents)
+    tiny_dit.meta["guidance_scale"] = 1.0
+    one = sample(tiny_dit, [1], seeds=[3], config=SamplerConfig(num_steps=3, guidance_scale=1.0))
+    torch.testing.assert_close(sample(tiny_dit, [1], seeds=[3], config=SamplerConfig(num_steps=3)).latents, one.latents)
 
 
 def test_intervention_acts_only_inside_its_step_window(tiny_dit):

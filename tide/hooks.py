@@ -109,7 +109,10 @@ class HookedBackbone(HookedRootModule):
         self._handles = []
         for spec in self.block_specs:
             if spec.joint:
-                names = JOINT_HOOKS
+                names = list(JOINT_HOOKS)
+                if getattr(spec.module, "context_pre_only", False):
+                    # SD3's last joint block reads the text stream but returns none: no text output to hook
+                    names.remove("hook_txt_resid_post")
             else:
                 names = ["hook_resid_pre", "hook_resid_post"]
                 if hasattr(spec.module, "attn1"):
@@ -157,8 +160,9 @@ class HookedBackbone(HookedRootModule):
 
             def post(module, args, kwargs, output):
                 txt, img = output
-                return (hooks.hook_txt_resid_post(txt) if txt is not None else None,
-                        hooks.hook_img_resid_post(img))
+                if txt is not None:
+                    txt = hooks.hook_txt_resid_post(txt)
+                return txt, hooks.hook_img_resid_post(img)
         else:
             def pre(module, args, kwargs):
                 bound = signature.bind(*args, **kwargs)
@@ -228,13 +232,12 @@ class HookedBackbone(HookedRootModule):
     def hook_shapes(self) -> dict[str, tuple]:
         """Per-row activation shape (tokens, d_model) at every hook, from one real forward pass."""
         b = self.backbone
-        c, h, w = b.latent_shape()
-        latents = torch.zeros(1, c, h, w, device=b.device, dtype=b.dtype)
-        scheduler = type(b.scheduler).from_config(b.scheduler.config)
-        scheduler.set_timesteps(2, device=b.device, **b.scheduler_kwargs(2))
+        latents = torch.zeros(1, *b.latent_shape(), device=b.device, dtype=b.dtype)
+        t = b.make_scheduler(2).timesteps[0]
         conds = torch.tensor([0 if b.num_conditions else -1], device=b.device)
+        cond = {**b.encode_conditions(conds), **b.guidance_inputs(b.default_guidance_scale)}
         with torch.no_grad():
-            _, cache = self.run_with_cache(latents, scheduler.timesteps[0], b.encode_conditions(conds))
+            _, cache = self.run_with_cache(latents, t, cond)
         return {name: tuple(act.shape[1:]) for name, act in cache.items()}
 
     def default_hook(self) -> str:

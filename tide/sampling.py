@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -27,8 +27,10 @@ class SamplerConfig:
 
     num_steps: int = 50
     """Denoising steps of the scheduler."""
-    guidance_scale: float = 1.0
-    """Classifier-free guidance scale; 1.0 runs the conditional model alone (no null-condition half)."""
+    guidance_scale: float | None = None
+    """Guidance scale; None = the model's default (tide.json's, else its diffusers pipeline's: DiT 4, PixArt 4.5,
+    SD3 7, FLUX.1-dev 3.5 embedded, FLUX.1-schnell 1). 1.0 runs the conditional model alone (no null-condition
+    half); guidance-distilled FLUX takes the scale as a model input instead."""
     batch_size: int = 100
     """Samples denoised together (the model sees twice as many rows under CFG)."""
     eta: float = 0.0
@@ -102,17 +104,99 @@ class SampleOutput(NamedTuple):
 
 
 def make_scheduler(backbone: Backbone, num_steps: int):
-    """A fresh copy of the backbone's scheduler with ``num_steps`` timesteps set."""
-    scheduler = type(backbone.scheduler).from_config(backbone.scheduler.config)
-    scheduler.set_timesteps(num_steps, device=backbone.device, **backbone.scheduler_kwargs(num_steps))
-    return scheduler
+    """A fresh copy of the backbone's scheduler with ``num_steps`` timesteps set (see ``Backbone.make_scheduler``)."""
+    return backbone.make_scheduler(num_steps)
 
 
 def initial_noise(backbone: Backbone, seeds: Sequence[int]) -> torch.Tensor:
-    """(B, C, h, w) noise, each row from its own CPU generator seeded with its seed."""
+    """(B, *latent_shape) noise, each row from its own CPU generator seeded with its seed.
+
+    Row ``i`` is what diffusers' ``randn_tensor`` draws for a batch with ``generator=[...]``, so a
+    pipeline given the same generators starts from the same latents.
+    """
     shape = backbone.latent_shape()
     rows = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
     return torch.stack(rows).to(backbone.device, backbone.dtype)
+
+
+class Step(NamedTuple):
+    """One step of a :class:`Trajectory`: its index, the scheduler timestep and the hooks' context."""
+
+    index: int
+    t: torch.Tensor
+    ctx: StepContext
+
+
+class Trajectory:
+    """One batch on its way from noise to latents: THE denoising loop of tide.
+
+    Iterating yields a :class:`Step` per scheduler timestep; :meth:`predict` runs the denoiser on
+    the current latents (with hook functions if given) and returns the guided output the
+    scheduler expects; :meth:`advance` takes the scheduler step with an output. Sampling predicts
+    once and advances; the spliced evaluation predicts several times per step and advances along
+    the clean prediction. Works for DDPM-style schedulers (``init_noise_sigma``,
+    ``scale_model_input``) and flow-matching ones (which have neither), as diffusers' pipelines do.
+    """
+
+    def __init__(self, backbone: Backbone, conds: Sequence[int], seeds: Sequence[int],
+                 sample_ids: Sequence[int], config: SamplerConfig, hooked: HookedBackbone | None = None):
+        self.backbone, self.config = backbone, config
+        self.hooked = hooked
+        self.scheduler = backbone.make_scheduler(config.num_steps)
+        self.x = initial_noise(backbone, seeds) * getattr(self.scheduler, "init_noise_sigma", 1.0)
+        self.batch = b = len(conds)
+        self.guidance_scale = backbone.resolve_guidance(config.guidance_scale)
+        self.cfg = backbone.uses_cfg(self.guidance_scale)
+        conds_B, ids_B = torch.tensor([int(c) for c in conds]), torch.tensor([int(i) for i in sample_ids])
+        branch_B = torch.full((b,), COND, dtype=torch.int8)
+        if self.cfg:
+            conds_B = torch.cat([conds_B, torch.full((b,), NULL_CONDITION)])
+            ids_B = torch.cat([ids_B, ids_B])
+            branch_B = torch.cat([branch_B, torch.full((b,), UNCOND, dtype=torch.int8)])
+        self.conds_B, self.ids_B, self.branch_B = conds_B, ids_B, branch_B
+        self.cond = {**backbone.encode_conditions(conds_B.to(backbone.device)),
+                     **backbone.guidance_inputs(self.guidance_scale)}
+        params = inspect.signature(self.scheduler.step).parameters
+        self._step_kwargs = {}
+        if "generator" in params:
+            self._step_kwargs["generator"] = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        if "eta" in params:
+            self._step_kwargs["eta"] = config.eta
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        return self.scheduler.timesteps
+
+    def __iter__(self) -> Iterator[Step]:
+        n = len(self.timesteps)
+        for i, t in enumerate(self.timesteps):
+            yield Step(i, t, StepContext(i, n, float(t), self.branch_B, self.ids_B, self.conds_B))
+
+    def model_input(self, step: Step) -> torch.Tensor:
+        x_in = torch.cat([self.x, self.x]) if self.cfg else self.x
+        if hasattr(self.scheduler, "scale_model_input"):
+            x_in = self.scheduler.scale_model_input(x_in, step.t)
+        return x_in
+
+    def predict(self, step: Step, fwd_hooks: Sequence[tuple[str, HookFn]] = ()) -> torch.Tensor:
+        """The guided denoiser output at ``step``, with ``fwd_hooks`` (name, fn) active during the call."""
+        x_in = self.model_input(step)
+        with step_context(step.ctx):
+            if not fwd_hooks:
+                out = self.backbone.denoise(x_in, step.t, self.cond)
+            else:
+                hooked = self.hooked or HookedBackbone.of(self.backbone)
+                with hooked.hooks(fwd_hooks=list(fwd_hooks)):
+                    out = hooked(x_in, step.t, self.cond)
+        if self.cfg:
+            out_c, out_u = out.chunk(2)
+            out = out_u + self.guidance_scale * (out_c - out_u)
+        return out
+
+    def advance(self, step: Step, out: torch.Tensor) -> torch.Tensor:
+        """Take the scheduler step from the current latents with the model output ``out``."""
+        self.x = self.scheduler.step(out, step.t, self.x, **self._step_kwargs, return_dict=False)[0]
+        return self.x
 
 
 def check_windows(interventions: Sequence[Intervention], timesteps: Sequence[float]) -> None:
@@ -172,47 +256,12 @@ def sample(
 
 
 def _denoise_batch(backbone, hooked, conds, seeds, sample_ids, config, interventions, bar):
-    device = backbone.device
-    scheduler = make_scheduler(backbone, config.num_steps)
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
-    x = initial_noise(backbone, seeds) * scheduler.init_noise_sigma
-    b = len(conds)
-
-    cfg = backbone.uses_cfg(config.guidance_scale)
-    conds_B = torch.tensor(conds)
-    ids_B = torch.tensor(sample_ids)
-    branch_B = torch.full((b,), COND, dtype=torch.int8)
-    if cfg:
-        conds_B = torch.cat([conds_B, torch.full((b,), NULL_CONDITION)])
-        ids_B = torch.cat([ids_B, ids_B])
-        branch_B = torch.cat([branch_B, torch.full((b,), UNCOND, dtype=torch.int8)])
-    cond = backbone.encode_conditions(conds_B.to(device))
-
-    step_params = inspect.signature(scheduler.step).parameters
-    extra = {}
-    if "generator" in step_params:
-        extra["generator"] = generators
-    if "eta" in step_params:
-        extra["eta"] = config.eta
-
-    timesteps = scheduler.timesteps
-    for i, t in enumerate(timesteps):
-        x_in = torch.cat([x, x]) if cfg else x
-        x_in = scheduler.scale_model_input(x_in, t)
-        ctx = StepContext(i, len(timesteps), float(t), branch_B, ids_B, conds_B)
-        with step_context(ctx):
-            if hooked is None:
-                out = backbone.denoise(x_in, t, cond)
-            else:
-                fwd = [(iv.hook, iv.bound_fn(ctx)) for iv in interventions if iv.active(i, float(t))]
-                with hooked.hooks(fwd_hooks=fwd):
-                    out = hooked(x_in, t, cond)
-        if cfg:
-            out_c, out_u = out.chunk(2)
-            out = out_u + config.guidance_scale * (out_c - out_u)
-        x = scheduler.step(out, t, x, **extra, return_dict=False)[0]
-        bar.update(b)
-    return x
+    traj = Trajectory(backbone, conds, seeds, sample_ids, config, hooked)
+    for step in traj:
+        fwd = [(iv.hook, iv.bound_fn(step.ctx)) for iv in interventions if iv.active(step.index, step.ctx.timestep)]
+        traj.advance(step, traj.predict(step, fwd))
+        bar.update(traj.batch)
+    return traj.x
 
 
 # ------------------------------------------------------------------------------------ grid job

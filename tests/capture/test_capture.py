@@ -21,7 +21,7 @@ def _read(path):
 
 def test_rows_match_the_activations_the_hooks_see(tiny_dit, tmp_path):
     cfg = CaptureConfig(out=str(tmp_path / "ds"), hooks=HOOKS, num_samples=5, samples_per_shard=2, num_steps=4,
-                        guidance_scale=2.0, cfg_branch="both", dtype="float32", classes=[3, 1])
+                        guidance_scale=2.0, cfg_branch="both", storage_dtype="float32", classes=[3, 1])
     manifest = capture(cfg, tiny_dit, progress=False)
     assert manifest["complete"] and manifest["num_shards"] == 3 and len(manifest["shards"]) == 3
     assert manifest["total_rows"] == 5 * 4 * 2 * 16
@@ -115,4 +115,5 @@ def test_output_directory_is_protected_and_resume_checks_the_config(tiny_dit, tm
         capture(CaptureConfig(**{**base, "out": str(tmp_path / "c"), "hooks": ["blocks.0.hook_txt_resid_post"]}),
                 tiny_dit, progress=False)
     with pytest.raises(TideError, match="needs classifier-free guidance"):
-        capture(CaptureConfig(**{**base, "out": str(tmp_path / "c"), "cfg_branch": "both"}), tiny_dit, progress=False)
+        capture(CaptureConfig(**{**base, "out": str(tmp_path / "c"), "cfg_branch": "both", "guidance_scale": 1.0}),
+                tiny_dit, progress=False)

@@ -17,7 +17,7 @@ def capture_tiny(model, out, **overrides) -> str:
 
     ``model`` is a loaded backbone, or None to load ``overrides["backbone"]`` (recorded in the manifest).
     """
-    cfg = dict(out=str(out), hooks=[HOOK], num_samples=4, samples_per_shard=2, num_steps=5, dtype="float32")
+    cfg = dict(out=str(out), hooks=[HOOK], num_samples=4, samples_per_shard=2, num_steps=5, storage_dtype="float32")
     cfg.update(overrides)
     capture(CaptureConfig(**cfg), model, progress=False)
     return str(out)

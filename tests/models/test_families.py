@@ -193,13 +193,16 @@ def test_flux_packs_2x2_patches_and_embeds_guidance_instead_of_doubling_the_batc
     assert packed.shape == (2, flux.num_tokens, 16)
     torch.testing.assert_close(FluxPipeline._unpack_latents(packed, 8, 8, 1), x)
 
-    assert flux.uses_cfg(5.0) is False and flux.guidance_scale == 5.0
+    assert flux.uses_cfg(5.0) is False and flux.default_guidance_scale == 3.5  # FluxPipeline's default
+    assert flux.guidance_inputs(5.0) == {"guidance_scale": 5.0}
     cond = flux.encode_conditions(torch.tensor([0, 0], device=flux.device))
     with torch.no_grad():
-        a = flux.denoise(x, torch.tensor(500.0), cond)
-        flux.set_guidance(1.0)
-        b = flux.denoise(x, torch.tensor(500.0), cond)
+        a = flux.denoise(x, torch.tensor(500.0), {**cond, **flux.guidance_inputs(5.0)})
+        b = flux.denoise(x, torch.tensor(500.0), {**cond, **flux.guidance_inputs(1.0)})
+        default = flux.denoise(x, torch.tensor(500.0), cond)
+        c = flux.denoise(x, torch.tensor(500.0), {**cond, **flux.guidance_inputs(3.5)})
     assert not torch.allclose(a, b)
+    torch.testing.assert_close(default, c)
 
     kwargs = flux.scheduler_kwargs(4)
     assert kwargs["sigmas"] == pytest.approx([1.0, 0.75, 0.5, 0.25])
@@ -209,6 +212,7 @@ def test_flux_packs_2x2_patches_and_embeds_guidance_instead_of_doubling_the_batc
 def test_flux_without_guidance_embeds_uses_ordinary_cfg(tiny_backbone):
     flux = tiny_backbone("flux", guidance_embeds=False)
     assert flux.uses_cfg(5.0) is True and flux.uses_cfg(1.0) is False
+    assert flux.default_guidance_scale == 1.0 and flux.guidance_inputs(5.0) == {}  # schnell: no CFG by default
     x, conds = _cfg_batch(flux)
     with torch.no_grad():
         out = flux.denoise(x, _first_step(flux), flux.encode_conditions(conds))

@@ -265,8 +265,8 @@ class SteerConfig:
     """If set, report how often the evaluation classifier says this class before and after."""
     num_steps: int = 30
     """Denoising steps."""
-    guidance_scale: float = 1.0
-    """Classifier-free guidance scale."""
+    guidance_scale: float | None = None
+    """Guidance scale; None = the model's default."""
     out: str = "runs/steer.png"
     """Before/after grid (PNG); a JSON summary is written beside it."""
     device: str = "auto"

@@ -30,7 +30,7 @@ from tide.errors import TideError
 from tide.hooks import BRANCH_NAMES, HookedBackbone, current_step
 from tide.models.base import Backbone
 from tide.models.loading import BackboneConfig
-from tide.sampling import Intervention, SamplerConfig, make_scheduler, sample
+from tide.sampling import Intervention, SamplerConfig, sample
 
 
 @dataclass
@@ -47,15 +47,16 @@ class CaptureConfig(BackboneConfig):
     """Samples to generate; sample i has condition classes[i % len(classes)] and seed seed + i."""
     num_steps: int = 50
     """Denoising steps."""
-    guidance_scale: float = 1.0
-    """Classifier-free guidance scale (1.0 = no unconditional half)."""
+    guidance_scale: float | None = None
+    """Guidance scale; None = the model's default (see `tide sample --help`); 1.0 = no unconditional half.
+    The manifest records the value used."""
     record_steps: str = "all"
     """Steps to record: 'all', 'every:K' (every K-th step from 0), or a list of step indices '0,10,49'."""
     token_fraction: float = 1.0
     """Fraction of image tokens kept per (sample, step), chosen at random from the sample's seed (TIDE kept 1/16)."""
     cfg_branch: str = "cond"
-    """CFG rows to record: cond, uncond or both (uncond/both need guidance_scale != 1)."""
-    dtype: str = "float16"
+    """CFG rows to record: cond, uncond or both (uncond/both need classifier-free guidance)."""
+    storage_dtype: str = "float16"
     """Storage dtype: float16 or float32."""
     on_overflow: str = "float32"
     """When float16 would overflow: 'float32' (store that hook's shard in float32) or 'error'."""
@@ -81,15 +82,12 @@ class CaptureConfig(BackboneConfig):
             raise TideError("num_samples, samples_per_shard and num_steps must all be >= 1")
         if not 0 < self.token_fraction <= 1:
             raise TideError(f"token_fraction must be in (0, 1], got {self.token_fraction}")
-        if self.dtype not in ("float16", "float32"):
-            raise TideError(f"dtype must be float16 or float32, got {self.dtype!r}")
+        if self.storage_dtype not in ("float16", "float32"):
+            raise TideError(f"storage_dtype must be float16 or float32, got {self.storage_dtype!r}")
         if self.on_overflow not in ("float32", "error"):
             raise TideError(f"on_overflow must be 'float32' or 'error', got {self.on_overflow!r}")
         if self.cfg_branch not in ("cond", "uncond", "both"):
             raise TideError(f"cfg_branch must be cond, uncond or both, got {self.cfg_branch!r}")
-        if self.cfg_branch != "cond" and self.guidance_scale == 1.0:
-            raise TideError(f"cfg_branch={self.cfg_branch!r} needs classifier-free guidance: set guidance_scale "
-                            "to a value other than 1.0 (without CFG there is no unconditional half)")
         if self.resume and self.overwrite:
             raise TideError("choose one of --resume and --overwrite")
 
@@ -269,6 +267,13 @@ def capture(config: CaptureConfig, backbone: Backbone | None = None, progress: b
     """Run (or resume) a capture; returns the final manifest. Under torchrun every rank calls this."""
     config.validate()
     out = Path(config.out)
+    backbone = backbone or config.load_backbone()
+    # the guidance actually used is part of the data: record it, never None
+    config = dataclasses.replace(config, guidance_scale=backbone.resolve_guidance(config.guidance_scale))
+    if config.cfg_branch != "cond" and not backbone.uses_cfg(config.guidance_scale):
+        raise TideError(f"cfg_branch={config.cfg_branch!r} needs classifier-free guidance, but the {backbone.family} "
+                        f"backbone at guidance_scale={config.guidance_scale:g} has no unconditional half: set "
+                        "guidance_scale to a value other than 1.0 (guidance-distilled FLUX has none at any scale)")
     rank, world = _dist()
     if rank == 0:
         previous = _prepare_output(config, out)
@@ -276,7 +281,6 @@ def capture(config: CaptureConfig, backbone: Backbone | None = None, progress: b
     if rank != 0:
         previous = json.loads((out / MANIFEST).read_text()) if config.resume else None
 
-    backbone = backbone or config.load_backbone()
     hooked = HookedBackbone.of(backbone)
     hooks = list(config.hooks) if config.hooks else [hooked.default_hook()]
     hooked.check_hook_names(hooks)
@@ -288,7 +292,7 @@ def capture(config: CaptureConfig, backbone: Backbone | None = None, progress: b
     backbone.check_conditions(conds_all)
     sampler = SamplerConfig(num_steps=config.num_steps, guidance_scale=config.guidance_scale,
                             batch_size=config.samples_per_shard)
-    timesteps = [float(t) for t in make_scheduler(backbone, config.num_steps).timesteps]
+    timesteps = [float(t) for t in backbone.make_scheduler(config.num_steps).timesteps]
     record_steps = parse_record_steps(config.record_steps, config.num_steps)
     bhash = backbone_hash(backbone)
     if previous is not None and previous.get("backbone_hash") != bhash:
@@ -334,12 +338,12 @@ def capture(config: CaptureConfig, backbone: Backbone | None = None, progress: b
         if rank == 0 and world == 1:
             _write_manifest(out, manifest, {**finished, **my_records}, complete=False)
 
-    writer = ShardWriter(out, config.dtype, config.on_overflow, bhash, rank, on_shard, config.queue_size)
+    writer = ShardWriter(out, config.storage_dtype, config.on_overflow, bhash, rank, on_shard, config.queue_size)
 
     def on_rows(n: int) -> None:
         bar.update(n)
         elapsed = max(time.perf_counter() - started, 1e-9)
-        mb = bar.n * sum(v["d_model"] for v in manifest["hooks"].values()) * np.dtype(config.dtype).itemsize / 1e6
+        mb = bar.n * sum(v["d_model"] for v in manifest["hooks"].values()) * np.dtype(config.storage_dtype).itemsize / 1e6
         bar.set_postfix_str(f"{mb / elapsed:.1f} MB/s", refresh=False)
 
     try:

@@ -18,7 +18,6 @@ the SAE on every (row, token) of the hook's (B, T, D) activation.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
@@ -28,9 +27,9 @@ from tqdm.auto import tqdm
 from tide.errors import TideError
 from tide.eval.frechet import frechet_distance
 from tide.eval.metrics import check_sae_hook
-from tide.hooks import BRANCH_NAMES, COND, UNCOND, HookedBackbone, StepContext, current_step, step_context
-from tide.models.base import NULL_CONDITION, Backbone
-from tide.sampling import Intervention, SampleOutput, SamplerConfig, initial_noise, make_scheduler, sample
+from tide.hooks import BRANCH_NAMES, HookedBackbone, current_step
+from tide.models.base import Backbone
+from tide.sampling import Intervention, SampleOutput, SamplerConfig, Trajectory, sample
 
 
 # ------------------------------------------------------------------------------------ checks and hook functions
@@ -181,13 +180,6 @@ class _StepFVU:
         return out
 
 
-def _guided(out: torch.Tensor, cfg: bool, scale: float) -> torch.Tensor:
-    if not cfg:
-        return out
-    out_c, out_u = out.chunk(2)
-    return out_u + scale * (out_c - out_u)
-
-
 @torch.no_grad()
 def denoiser_error(model: Backbone | HookedBackbone, sae, hook: str, conds: Sequence[int],
                    seeds: Sequence[int] | None = None, sampler_config: SamplerConfig | None = None,
@@ -237,45 +229,24 @@ def denoiser_error(model: Backbone | HookedBackbone, sae, hook: str, conds: Sequ
             c = conds[start:start + config.batch_size]
             s = seeds[start:start + config.batch_size]
             ids = list(range(start, start + len(c)))
-            scheduler = make_scheduler(backbone, n_steps)
-            x = initial_noise(backbone, s) * scheduler.init_noise_sigma
-            b = len(c)
-            cfg = backbone.uses_cfg(config.guidance_scale)
-            conds_B, ids_B = torch.tensor(c), torch.tensor(ids)
-            branch_B = torch.full((b,), COND, dtype=torch.int8)
-            if cfg:
-                conds_B = torch.cat([conds_B, torch.full((b,), NULL_CONDITION)])
-                ids_B = torch.cat([ids_B, ids_B])
-                branch_B = torch.cat([branch_B, torch.full((b,), UNCOND, dtype=torch.int8)])
-            cond = backbone.encode_conditions(conds_B.to(backbone.device))
-            params = inspect.signature(scheduler.step).parameters
-            extra = {}
-            if "generator" in params:
-                extra["generator"] = [torch.Generator().manual_seed(v) for v in s]
-            if "eta" in params:
-                extra["eta"] = config.eta
-            for i, t in enumerate(scheduler.timesteps):
-                timesteps_T[i] = float(t)
-                x_in = torch.cat([x, x]) if cfg else x
-                x_in = scheduler.scale_model_input(x_in, t)
-                ctx = StepContext(i, n_steps, float(t), branch_B, ids_B, conds_B)
-                with step_context(ctx):
-                    clean = _guided(hooked(x_in, t, cond), cfg, config.guidance_scale)
-                    with hooked.hooks(fwd_hooks=[(hook, splice_iv.bound_fn(ctx))]):
-                        out_s = _guided(hooked(x_in, t, cond), cfg, config.guidance_scale)
-                    with hooked.hooks(fwd_hooks=[(hook, ablate_iv.bound_fn(ctx))]):
-                        out_a = _guided(hooked(x_in, t, cond), cfg, config.guidance_scale)
+            traj = Trajectory(backbone, c, s, ids, config, hooked)
+            for step in traj:
+                i = step.index
+                timesteps_T[i] = step.ctx.timestep
+                clean = traj.predict(step)
+                out_s = traj.predict(step, [(hook, splice_iv.bound_fn(step.ctx))])
+                out_a = traj.predict(step, [(hook, ablate_iv.bound_fn(step.ctx))])
                 clean64 = clean.double()
                 sq_clean[i] += float((clean64 ** 2).sum())
                 sq_diff[i] += float(((out_s.double() - clean64) ** 2).sum())
                 sq_abl[i] += float(((out_a.double() - clean64) ** 2).sum())
-                x = scheduler.step(clean, t, x, **extra, return_dict=False)[0]
-                bar.update(b)
-            finals.append(x.float().cpu())
+                traj.advance(step, clean)
+                bar.update(traj.batch)
+            finals.append(traj.x.float().cpu())
     bar.close()
     denom = np.where(sq_clean > 0, sq_clean, np.nan)
     return DenoiserError(
-        hook=hook, samples=len(conds), guidance_scale=float(config.guidance_scale), branch=branch,
+        hook=hook, samples=len(conds), guidance_scale=backbone.resolve_guidance(config.guidance_scale), branch=branch,
         step_index_T=np.arange(n_steps), timesteps_T=timesteps_T,
         relative_error_T=np.sqrt(sq_diff / denom), ablation_error_T=np.sqrt(sq_abl / denom),
         fvu_T=fvu_acc.fvu(), ablation="data" if ablation_stats is not None else "batch",

@@ -47,6 +47,8 @@ class Backbone(nn.Module, abc.ABC):
     """The diffusers transformer class this adapter drives."""
     text_conditioned: ClassVar[bool] = False
     """True when conditions index a prompt-embedding file instead of class labels."""
+    pipeline_guidance_scale: ClassVar[float] = 1.0
+    """Default guidance scale of the family's diffusers pipeline (1.0 = no classifier-free guidance)."""
 
     def __init__(
         self,
@@ -170,13 +172,25 @@ class Backbone(nn.Module, abc.ABC):
                 cond: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.denoise(latents_BCHW, t, cond)
 
-    def scheduler_kwargs(self, num_steps: int) -> dict:
-        """Extra keyword arguments for ``scheduler.set_timesteps`` (e.g. FLUX's resolution shift ``mu``)."""
-        return {}
+    # ----------------------------------------------------------------------------- guidance
+    @property
+    def default_guidance_scale(self) -> float:
+        """The guidance scale used when none is given: ``guidance_scale`` in tide.json, else the
+        default of the family's diffusers pipeline (:attr:`pipeline_guidance_scale`)."""
+        return float(self.meta.get("guidance_scale", self.pipeline_guidance_scale))
+
+    def resolve_guidance(self, guidance_scale: float | None) -> float:
+        """``guidance_scale``, or the backbone's default when it is None."""
+        return self.default_guidance_scale if guidance_scale is None else float(guidance_scale)
 
     def uses_cfg(self, guidance_scale: float) -> bool:
         """Whether sampling at this guidance scale doubles the batch with null conditions."""
         return guidance_scale != 1.0
+
+    def guidance_inputs(self, guidance_scale: float) -> dict[str, Any]:
+        """Extra conditioning entries that carry the guidance scale into the model itself
+        (guidance-distilled checkpoints); empty for classifier-free guidance."""
+        return {}
 
     def scheduler_kwargs(self, num_steps: int) -> dict[str, Any]:
         """Extra keyword arguments for ``scheduler.set_timesteps(num_steps, ...)``.
@@ -185,6 +199,13 @@ class Backbone(nn.Module, abc.ABC):
         return ``mu`` (and FLUX its custom ``sigmas``), as their diffusers pipelines do.
         """
         return {}
+
+    def make_scheduler(self, num_steps: int) -> Any:
+        """A fresh copy of the backbone's scheduler with ``num_steps`` timesteps set, as the family's
+        diffusers pipeline sets them."""
+        scheduler = type(self.scheduler).from_config(self.scheduler.config)
+        scheduler.set_timesteps(num_steps, device=self.device, **self.scheduler_kwargs(num_steps))
+        return scheduler
 
     # ----------------------------------------------------------------------------- pictures
     @torch.no_grad()

@@ -11,6 +11,7 @@ from tide.models.base import NULL_CONDITION, Backbone, BlockSpec
 class DiTBackbone(Backbone):
     family = "dit"
     transformer_class = DiTTransformer2DModel
+    pipeline_guidance_scale = 4.0  # DiTPipeline
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

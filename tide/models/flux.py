@@ -14,10 +14,12 @@ latent_size`` from ``tide.json`` (int or ``[H, W]``), default 64 (512-pixel imag
 8× VAE).
 
 Guidance: guidance-distilled checkpoints (``guidance_embeds``, FLUX.1-dev) take the guidance scale
-as a model input instead of a doubled batch. For them :meth:`FluxBackbone.uses_cfg` returns False
-and records the scale it is asked about (:meth:`FluxBackbone.set_guidance` sets it directly);
-default 3.5 as in ``FluxPipeline``. Checkpoints without it (FLUX.1-schnell) use ordinary
-classifier-free guidance with the null condition.
+as a model input instead of a doubled batch: :meth:`FluxBackbone.uses_cfg` is False for them and
+the sampler passes the scale in the conditioning (``guidance_scale``, from
+:meth:`FluxBackbone.guidance_inputs`); the default is 3.5 as in ``FluxPipeline``. Checkpoints
+without it (FLUX.1-schnell) default to no guidance, as ``FluxPipeline``'s ``true_cfg_scale=1``, and
+take ordinary classifier-free guidance with the null condition when asked (the pipeline's
+``true_cfg_scale`` with negative prompt embeddings).
 
 Conditions index a prompt bank with ``prompt_embeds`` (P, L, joint_attention_dim) and
 ``pooled_prompt_embeds`` (P, pooled_projection_dim); text positions (``txt_ids``) are zeros.
@@ -52,10 +54,6 @@ class FluxBackbone(TextBackbone):
     transformer_class = FluxTransformer2DModel
     prompt_keys = {"prompt_embeds": "encoder_hidden_states", "pooled_prompt_embeds": "pooled_projections"}
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.guidance_scale = float(self.meta.get("guidance_scale", DEFAULT_GUIDANCE))
-
     @staticmethod
     def default_scheduler():
         # FLUX.1-dev's scheduler config: resolution-dependent (dynamic) shifting
@@ -86,15 +84,16 @@ class FluxBackbone(TextBackbone):
     def guidance_distilled(self) -> bool:
         return bool(self.transformer.config.guidance_embeds)
 
-    def set_guidance(self, scale: float) -> None:
-        """The guidance scale fed to guidance-distilled checkpoints (ignored by the others)."""
-        self.guidance_scale = float(scale)
+    @property
+    def pipeline_guidance_scale(self) -> float:
+        # FluxPipeline: guidance_scale=3.5 (embedded, FLUX.1-dev); true_cfg_scale=1.0 (no CFG, FLUX.1-schnell)
+        return DEFAULT_GUIDANCE if self.guidance_distilled else 1.0
 
     def uses_cfg(self, guidance_scale):
-        if self.guidance_distilled:
-            self.set_guidance(guidance_scale)
-            return False
-        return super().uses_cfg(guidance_scale)
+        return False if self.guidance_distilled else super().uses_cfg(guidance_scale)
+
+    def guidance_inputs(self, guidance_scale):
+        return {"guidance_scale": float(guidance_scale)} if self.guidance_distilled else {}
 
     def scheduler_kwargs(self, num_steps):
         # as FluxPipeline: sigmas linspace(1, 1/n, n) and mu from the image sequence length
@@ -120,8 +119,9 @@ class FluxBackbone(TextBackbone):
         txt_ids = torch.zeros(text.shape[1], 3, device=device, dtype=dtype)
         t_B = torch.as_tensor(t, device=device).reshape(-1).expand(b).to(dtype)
         guidance = None
-        if self.guidance_distilled:
-            guidance = torch.full([1], self.guidance_scale, device=device, dtype=torch.float32).expand(b)
+        if self.guidance_distilled:  # as FluxPipeline: a float32 guidance value per row
+            scale = cond.get("guidance_scale", self.default_guidance_scale)
+            guidance = torch.full([1], scale, device=device, dtype=torch.float32).expand(b)
         out = self.transformer(hidden_states=packed, timestep=t_B / 1000, guidance=guidance,
                                pooled_projections=cond["pooled_projections"], encoder_hidden_states=text,
                                txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]

@@ -44,6 +44,19 @@ def resolve_backbone_path(spec: str | Path) -> Path:
     return path
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""Weight dtypes a backbone can be loaded in, by name."""
+
+
+def torch_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16`` (torch dtypes pass through), with a clear error for other names."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise TideError(f"unknown dtype {name!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 def _diffusers_class(name: str, what: str, path: Path):
     cls = getattr(diffusers, name, None)
     if cls is None:
@@ -52,42 +65,86 @@ def _diffusers_class(name: str, what: str, path: Path):
     return cls
 
 
+def _transformer_family(config_path: Path, class_name: str, where: Path) -> type[Backbone]:
+    """The adapter for a transformer, with diffusers' own remapping of the legacy ``Transformer2DModel``
+    (the Hub's DiT-XL/2 and PixArt-α checkpoints) by its config's ``norm_type``."""
+    from diffusers.models.model_loading_utils import _CLASS_REMAPPING_DICT
+
+    if class_name in _CLASS_REMAPPING_DICT:
+        norm_type = _read_json(config_path).get("norm_type")
+        remapped = _CLASS_REMAPPING_DICT[class_name].get(norm_type)
+        if remapped is None:
+            raise TideError(f"{where}: a {class_name} with norm_type {norm_type!r} is neither a DiT (ada_norm_zero) "
+                            f"nor a PixArt (ada_norm_single) transformer; tide supports {_supported()}")
+        class_name = remapped
+    return family_for_class(class_name, where)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise TideError(f"{path} is missing: the checkpoint directory is incomplete") from None
+    except (OSError, ValueError) as exc:
+        raise TideError(f"{path} is not valid JSON ({exc}): the checkpoint directory is damaged") from None
+
+
+def _from_pretrained(cls, path: Path, what: str, **kwargs):
+    """``cls.from_pretrained`` on a local directory only: no hub, safetensors weights only (nothing is unpickled)."""
+    try:
+        return cls.from_pretrained(path, local_files_only=True, **kwargs)
+    except (OSError, EnvironmentError, ValueError) as exc:
+        weights = sorted(p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+        if "use_safetensors" in kwargs and weights:
+            raise TideError(f"{path}: the {what} weights are pickled ({', '.join(weights)}) and tide never unpickles: "
+                            "convert them to safetensors (save_pretrained(..., safe_serialization=True))") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TideError(f"{path}: cannot load the {what} from this local directory ({first}); it needs its config "
+                        "and safetensors weights (nothing is downloaded)") from None
+
+
 def load_backbone(spec: str | Path = DEFAULT_BACKBONE, *, prompts: str | Path | PromptBank | None = None,
-                  device: str | torch.device | None = "auto", dtype: torch.dtype = torch.float32) -> Backbone:
-    """Load a backbone by embedded name or local directory.
+                  device: str | torch.device | None = "auto", dtype: str | torch.dtype = torch.float32) -> Backbone:
+    """Load a backbone by embedded name or local directory, offline.
 
     A pipeline directory (``model_index.json`` with ``transformer/``, ``scheduler/`` and optionally
     ``vae/``) is read as a whole; a bare transformer directory gets its family's default scheduler.
-    Text families take precomputed prompt embeddings (``prompts``, or ``prompt_embeds.safetensors``
-    inside the directory).
+    The Hub's legacy ``Transformer2DModel`` layouts (DiT-XL/2, PixArt-α) are mapped to their family
+    by ``norm_type`` as diffusers does. Weights load in ``dtype`` (float32, bfloat16 or float16),
+    from safetensors files only. Text families take precomputed prompt embeddings (``prompts``, or
+    ``prompt_embeds.safetensors`` inside the directory).
     """
+    dtype = torch_dtype(dtype)
     path = resolve_backbone_path(spec)
     meta: dict = {"name": str(spec) if str(spec) in EMBEDDED else path.name, "path": str(path)}
     if (path / TIDE_META).exists():
-        meta.update(json.loads((path / TIDE_META).read_text()))
+        meta.update(_read_json(path / TIDE_META))
 
     scheduler = vae = None
     if (path / "model_index.json").exists():
-        index = json.loads((path / "model_index.json").read_text())
+        index = _read_json(path / "model_index.json")
         entry = index.get("transformer")
         if not entry or entry[1] is None:
             raise TideError(f"{path}/model_index.json lists no transformer: tide needs a transformer-based "
                             f"pipeline (supported transformer classes: {_supported()})")
-        cls = family_for_class(entry[1], path)
-        transformer = cls.transformer_class.from_pretrained(path / "transformer", torch_dtype=dtype)
+        cls = _transformer_family(path / "transformer" / "config.json", entry[1], path)
+        transformer = _from_pretrained(cls.transformer_class, path / "transformer", "transformer",
+                                       torch_dtype=dtype, use_safetensors=True)
         if index.get("scheduler") and index["scheduler"][1]:
-            scheduler = _diffusers_class(index["scheduler"][1], "scheduler", path).from_pretrained(
-                path / "scheduler")
+            scheduler = _from_pretrained(_diffusers_class(index["scheduler"][1], "scheduler", path),
+                                         path / "scheduler", "scheduler")
         if index.get("vae") and index["vae"][1] and (path / "vae").exists():
-            vae = _diffusers_class(index["vae"][1], "VAE", path).from_pretrained(path / "vae", torch_dtype=dtype)
+            vae = _from_pretrained(_diffusers_class(index["vae"][1], "VAE", path), path / "vae", "VAE",
+                                   torch_dtype=dtype, use_safetensors=True)
         if "id2label" in index and "class_names" not in meta:
             labels = index["id2label"]
             meta["class_names"] = [labels[str(i)] if isinstance(labels, dict) else labels[i]
                                    for i in range(len(labels))]
     elif (path / "config.json").exists():
-        config = json.loads((path / "config.json").read_text())
-        cls = family_for_class(config.get("_class_name", "<missing _class_name>"), path)
-        transformer = cls.transformer_class.from_pretrained(path, torch_dtype=dtype)
+        config = _read_json(path / "config.json")
+        cls = _transformer_family(path / "config.json", config.get("_class_name", "<missing _class_name>"), path)
+        transformer = _from_pretrained(cls.transformer_class, path, "transformer", torch_dtype=dtype,
+                                       use_safetensors=True)
     else:
         raise TideError(f"{path} is not a diffusers checkpoint: expected model_index.json (a pipeline) "
                         "or config.json (a transformer) inside it")
@@ -120,6 +177,8 @@ class BackboneConfig:
     """Prompt-embedding file (safetensors, `prompt_embeds` ...) for text-conditioned families."""
     device: str = "auto"
     """cpu, cuda[:N], or auto (the GPU when one is present)."""
+    dtype: str = "float32"
+    """Weight dtype of the backbone: float32, bfloat16 or float16 (bfloat16 halves the memory of large models)."""
 
     def load_backbone(self) -> Backbone:
-        return load_backbone(self.backbone, prompts=self.prompts, device=self.device)
+        return load_backbone(self.backbone, prompts=self.prompts, device=self.device, dtype=self.dtype)

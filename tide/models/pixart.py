@@ -17,6 +17,7 @@ from tide.models.text import TextBackbone
 class PixArtBackbone(TextBackbone):
     family = "pixart"
     transformer_class = PixArtTransformer2DModel
+    pipeline_guidance_scale = 4.5  # PixArtAlphaPipeline, PixArtSigmaPipeline
     prompt_keys = {"prompt_embeds": "encoder_hidden_states"}
     optional_prompt_keys = {"prompt_attention_mask": "encoder_attention_mask"}
 

@@ -19,6 +19,7 @@ from tide.models.text import TextBackbone, calculate_shift
 class SD3Backbone(TextBackbone):
     family = "sd3"
     transformer_class = SD3Transformer2DModel
+    pipeline_guidance_scale = 7.0  # StableDiffusion3Pipeline
     prompt_keys = {"prompt_embeds": "encoder_hidden_states", "pooled_prompt_embeds": "pooled_projections"}
 
     @staticmethod
