@@ -31,11 +31,25 @@ def image_grid(images_BCHW: torch.Tensor, nrow: int, pad: int = 1, scale: int = 
     return rearrange(imgs, "(r n) h w c -> (r h) (n w) c", n=nrow)
 
 
+GRID_CELL_PIXELS = 112
+"""Small images are upscaled (nearest) until a grid cell is about this tall; large ones are left as they are."""
+
+
+def grid_scale(height: int, width: int) -> int:
+    """The upscaling factor of a grid cell: 4 for 28-px images, 1 from 112 px on (a 1024-px image stays 1×)."""
+    return max(1, GRID_CELL_PIXELS // max(1, min(height, width)))
+
+
 def save_grid(images_BCHW: torch.Tensor, path: str | Path, nrow: int,
-              row_labels: Sequence[str] | None = None, title: str | None = None, scale: int = 4) -> Path:
-    """Write a PNG grid; with ``row_labels`` (one per row) or a title it is drawn with matplotlib."""
+              row_labels: Sequence[str] | None = None, title: str | None = None, scale: int | None = None) -> Path:
+    """Write a PNG grid; with ``row_labels`` (one per row) or a title it is drawn with matplotlib.
+
+    ``scale`` (nearest-neighbour upscaling) defaults to :func:`grid_scale` of the image size.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if scale is None:
+        scale = grid_scale(*images_BCHW.shape[-2:])
     grid = image_grid(images_BCHW, nrow, scale=scale)
     if row_labels is None and title is None:
         from PIL import Image

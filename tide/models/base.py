@@ -12,6 +12,7 @@ used by classifier-free guidance.
 from __future__ import annotations
 
 import abc
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
@@ -22,6 +23,16 @@ from tide.errors import TideError
 
 NULL_CONDITION = -1
 """Condition id of the unconditional (null) input used for classifier-free guidance."""
+
+
+def patch_dims(patch_size: int | Sequence[int], ndim: int) -> tuple[int, ...]:
+    """``patch_size`` as one entry per latent axis after the channels: an int repeats ``ndim`` times."""
+    if isinstance(patch_size, int):
+        return (patch_size,) * ndim
+    dims = tuple(int(p) for p in patch_size)
+    if len(dims) != ndim:
+        raise TideError(f"patch size {dims} has {len(dims)} axes but the latents have {ndim} after the channels")
+    return dims
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,11 @@ class BlockSpec:
     """Block class name, e.g. ``BasicTransformerBlock`` or ``FluxSingleTransformerBlock``."""
     joint: bool
     """True for two-stream (MMDiT) blocks that carry image and text streams."""
+    attn_name: str | None = "attn1"
+    """Attribute of the block holding its self-attention (``hook_attn_out``); None = not hooked."""
+    mlp_name: str | None = "ff"
+    """Attribute of the block holding its feed-forward network (``hook_mlp_out``), e.g. ``ff`` in
+    diffusers' image blocks, ``ffn`` in Wan's; None = not hooked."""
 
 
 class Backbone(nn.Module, abc.ABC):
@@ -90,24 +106,31 @@ class Backbone(nn.Module, abc.ABC):
         return next(self.transformer.parameters()).dtype
 
     @abc.abstractmethod
-    def latent_shape(self) -> tuple[int, int, int]:
-        """(channels, height, width) of the tensor the sampler denoises."""
+    def latent_shape(self) -> tuple[int, ...]:
+        """(channels, height, width) of the tensor the sampler denoises; (channels, frames, height,
+        width) for video families."""
+
+    @property
+    def is_video(self) -> bool:
+        """True when latents carry a frame axis: (C, F, H, W) latents and a (frames, rows, cols) grid."""
+        return len(self.latent_shape()) == 4
 
     @property
     def num_tokens(self) -> int:
-        """Image tokens (patches) per sample in the residual stream."""
-        c, h, w = self.latent_shape()
-        p = self.patch_size
-        return (h // p) * (w // p)
+        """Image tokens (patches) per sample in the residual stream: the product of :attr:`patch_grid`."""
+        return math.prod(self.patch_grid)
 
     @property
-    def patch_grid(self) -> tuple[int, int]:
-        """(rows, cols) of the image-token grid."""
-        _, h, w = self.latent_shape()
-        return h // self.patch_size, w // self.patch_size
+    def patch_grid(self) -> tuple[int, ...]:
+        """(rows, cols) of the image-token grid; (frames, rows, cols) for video. Tokens are flattened
+        row-major over it (the last axis varies fastest)."""
+        extent = self.latent_shape()[1:]
+        return tuple(int(n) // p for n, p in zip(extent, patch_dims(self.patch_size, len(extent))))
 
     @property
-    def patch_size(self) -> int:
+    def patch_size(self) -> int | tuple[int, ...]:
+        """Latent pixels per token: an int (square patches) for image families, a tuple
+        (frames, rows, cols) for video families."""
         return int(self.transformer.config.patch_size)
 
     @property
@@ -210,7 +233,8 @@ class Backbone(nn.Module, abc.ABC):
     # ----------------------------------------------------------------------------- pictures
     @torch.no_grad()
     def decode(self, latents_BCHW: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1], shape (B, C, H, W): through the VAE for latent models."""
+        """Images in [0, 1], shape (B, C, H, W) (video families: (B, C, F, H, W)): through the VAE
+        for latent models."""
         if self.vae is None:
             scale = self.meta.get("pixel_scale", 1.0)
             images = latents_BCHW / scale
@@ -252,9 +276,43 @@ class PromptBank:
     def __init__(self, tensors: dict[str, torch.Tensor], texts: Sequence[str] | None = None):
         if "prompt_embeds" not in tensors:
             raise TideError("prompt-embedding file has no `prompt_embeds` tensor (P, L, D)")
+        self.check_shapes(tensors)
         self.tensors = tensors
         n = tensors["prompt_embeds"].shape[0]
         self.texts = list(texts) if texts is not None else [f"prompt {i}" for i in range(n)]
+        if len(self.texts) != n:
+            raise TideError(f"prompt-embedding file lists {len(self.texts)} prompt texts for {n} rows of "
+                            "`prompt_embeds`: write one text per row (PromptBank.save does)")
+
+    @classmethod
+    def check_shapes(cls, tensors: dict[str, torch.Tensor]) -> None:
+        """One clear error for tensors that do not fit together: ``prompt_embeds`` (P, L, D),
+        ``pooled_prompt_embeds`` (P, Dp), ``prompt_attention_mask`` (P, L), and each ``negative_*``
+        shaped like its positive counterpart with a leading dimension of 1."""
+        embeds = tensors["prompt_embeds"]
+        if embeds.dim() != 3:
+            raise TideError(f"`prompt_embeds` must be (prompts, tokens, width), got shape {tuple(embeds.shape)}")
+        p, length, _ = embeds.shape
+        expected = {"prompt_attention_mask": (p, length)}
+        for key in cls.KEYS:
+            if key not in tensors:
+                continue
+            got = tuple(tensors[key].shape)
+            want = expected.get(key)
+            if key == "pooled_prompt_embeds" and (len(got) != 2 or got[0] != p):
+                raise TideError(f"`pooled_prompt_embeds` must be ({p}, width) for {p} prompts, got {got}")
+            if want is not None and got != want:
+                raise TideError(f"`{key}` has shape {got} but `prompt_embeds` is {tuple(embeds.shape)}: it must be "
+                                f"{want}")
+            neg = tensors.get("negative_" + key)
+            if neg is not None and tuple(neg.shape) != (1, *got[1:]):
+                raise TideError(f"`negative_{key}` has shape {tuple(neg.shape)} but `{key}` is {got}: the negative "
+                                f"(unconditional) row must be {(1, *got[1:])}, made by the same text encoder "
+                                "with the same padding length")
+        unknown = sorted(set(tensors) - set(cls.KEYS) - {"negative_" + k for k in cls.KEYS})
+        if unknown:
+            raise TideError(f"prompt-embedding file has unknown tensor(s) {unknown}: tide reads "
+                            f"{', '.join(cls.KEYS)} and their negative_* counterparts")
 
     def __len__(self) -> int:
         return self.tensors["prompt_embeds"].shape[0]
