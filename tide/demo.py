@@ -76,7 +76,7 @@ def run_demo(config: DemoConfig) -> dict:
           f"-> {out / 'hooks.json'}")
 
     # 2. samples
-    gen = GenerateConfig(backbone=config.backbone, device=config.device, n=config.n_per_class, seed=config.seed,
+    gen = GenerateConfig(backbone=config.backbone, device=config.device, dtype=config.dtype, n=config.n_per_class, seed=config.seed,
                          num_steps=config.num_steps, guidance_scale=config.guidance_scale,
                          out=str(out / "samples.png"))
     start = time.perf_counter()
@@ -103,7 +103,7 @@ def run_demo(config: DemoConfig) -> dict:
     from tide.capture import CaptureConfig, capture
     from tide.data import ActivationStore
 
-    cap = CaptureConfig(backbone=config.backbone, device=config.device, out=str(out / "activations"),
+    cap = CaptureConfig(backbone=config.backbone, device=config.device, dtype=config.dtype, out=str(out / "activations"),
                         hooks=config.capture_hooks, num_samples=config.capture_samples, num_steps=config.num_steps,
                         seed=config.seed, overwrite=True)
     start = time.perf_counter()

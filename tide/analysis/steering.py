@@ -271,6 +271,8 @@ class SteerConfig:
     """Before/after grid (PNG); a JSON summary is written beside it."""
     device: str = "auto"
     """cpu, cuda[:N], or auto."""
+    dtype: str = "float32"
+    """Weight dtype of the backbone: float32, bfloat16 or float16."""
 
     def run(self) -> dict:
         import json
@@ -281,7 +283,8 @@ class SteerConfig:
         if not self.features:
             raise TideError("name the features to edit: --features 12,40")
         sae = load_sae(self.sae, device="cpu")
-        backbone = load_backbone(self.backbone or sae.cfg.backbone or "fmnist-dit", device=self.device)
+        backbone = load_backbone(self.backbone or sae.cfg.backbone or "fmnist-dit", device=self.device,
+                                 dtype=self.dtype)
         sae = sae.to(backbone.device)
         edits = [FeatureEdit(int(f), mode=self.mode, alpha=self.alpha, value=self.value) for f in self.features]
         classes = list(range(backbone.num_conditions)) if self.classes is None else list(self.classes)

@@ -210,7 +210,8 @@ def evaluate(config: EvalConfig, backbone=None, sae=None, progress: bool = True)
             if not spec:
                 raise TideError(f"the manifest of {store.path} names no backbone: give --backbone")
             try:
-                backbone = load_backbone(spec, prompts=captured.get("prompts"), device=device)
+                backbone = load_backbone(spec, prompts=captured.get("prompts"), device=device,
+                                         dtype=captured.get("dtype", "float32"))
             except TideError as exc:
                 raise TideError(f"cannot load backbone {spec!r} named in the manifest of {store.path}: {exc} "
                                 "(pass the capture's backbone with --backbone)") from None
@@ -220,8 +221,8 @@ def evaluate(config: EvalConfig, backbone=None, sae=None, progress: bool = True)
                             "differ): pass the capture's backbone with --backbone")
         sampler = SamplerConfig(
             num_steps=int(config.num_steps or captured.get("num_steps") or 50),
-            guidance_scale=float(config.guidance_scale if config.guidance_scale is not None
-                                 else captured.get("guidance_scale", 1.0)))
+            guidance_scale=config.guidance_scale if config.guidance_scale is not None
+            else captured.get("guidance_scale", 1.0))
         n_cond = backbone.num_conditions
         conds = [c for c in range(n_cond) for _ in range(config.splice_samples)]
         seeds = [config.seed + i for i in range(len(conds))]
