@@ -33,7 +33,8 @@ def _hooks(config: BackboneConfig) -> int:
     shapes = hooked.hook_shapes()
     print(f"# {backbone.family} backbone '{backbone.name}': {len(hooked.block_specs)} blocks, "
           f"d_model={backbone.d_model}, {backbone.num_tokens} image tokens "
-          f"({backbone.patch_grid[0]}x{backbone.patch_grid[1]} patches)")
+          f"({'x'.join(map(str, backbone.patch_grid))} patches"
+          f"{': frames x rows x cols, token = (frame * rows + row) * cols + col' if backbone.is_video else ''})")
     width = max(map(len, hooked.hook_names))
     for name in hooked.hook_names:
         spec = hooked.block_specs[int(name.split(".")[1])]

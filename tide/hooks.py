@@ -2,16 +2,19 @@
 
 Hook names follow TransformerLens:
 
-* single-stream blocks (DiT, PixArt): ``blocks.{i}.hook_resid_pre`` (block input),
+* single-stream blocks (DiT, PixArt, Wan): ``blocks.{i}.hook_resid_pre`` (block input),
   ``blocks.{i}.hook_resid_post`` (block output), ``blocks.{i}.hook_attn_out`` (self-attention
-  output) and ``blocks.{i}.hook_mlp_out`` (feed-forward output). In adaLN blocks the attention and
-  MLP outputs are taken *before* the adaLN gate multiplies them into the residual stream.
+  output) and ``blocks.{i}.hook_mlp_out`` (feed-forward output), where the block has the modules
+  its :class:`~tide.models.base.BlockSpec` names (``attn_name``, ``mlp_name``: ``attn1``/``ff`` in
+  diffusers' image blocks, ``attn1``/``ffn`` in Wan's). In adaLN blocks the attention and MLP
+  outputs are taken *before* the adaLN gate multiplies them into the residual stream.
 * two-stream blocks (SD3, FLUX): ``blocks.{i}.hook_img_resid_pre/post`` and
   ``blocks.{i}.hook_txt_resid_pre/post``. FLUX's single-stream blocks continue the numbering after
   the double-stream blocks and expose the same four names (diffusers splits their stream back into
   text and image parts).
 
-Activations are (batch, tokens, d_model); image tokens are patches in row-major order.
+Activations are (batch, tokens, d_model); image tokens are patches in row-major order over the
+backbone's ``patch_grid``: (row, col) for images, (frame, row, col) for video.
 
 The diffusers model is left untouched: a HookPoint lives in a small container per block, and torch
 forward hooks on the diffusers block route its input/output through them. The plain model's
@@ -82,6 +85,14 @@ def step_context(ctx: StepContext) -> Iterator[StepContext]:
 
 
 # ------------------------------------------------------------------------------------ hooked model
+def _submodule(block: nn.Module, name: str | None) -> nn.Module | None:
+    """The block's child module ``name`` (its ``BlockSpec.attn_name`` / ``mlp_name``), or None."""
+    if name is None:
+        return None
+    module = getattr(block, name, None)
+    return module if isinstance(module, nn.Module) else None
+
+
 class BlockHooks(nn.Module):
     """The HookPoints of one block."""
 
@@ -115,9 +126,9 @@ class HookedBackbone(HookedRootModule):
                     names.remove("hook_txt_resid_post")
             else:
                 names = ["hook_resid_pre", "hook_resid_post"]
-                if hasattr(spec.module, "attn1"):
+                if _submodule(spec.module, spec.attn_name) is not None:
                     names.append("hook_attn_out")
-                if getattr(spec.module, "ff", None) is not None:
+                if _submodule(spec.module, spec.mlp_name) is not None:
                     names.append("hook_mlp_out")
             hooks = BlockHooks(names)
             self.blocks.append(hooks)
@@ -173,10 +184,10 @@ class HookedBackbone(HookedRootModule):
                 return hooks.hook_resid_post(output)
 
             if hasattr(hooks, "hook_attn_out"):
-                self._handles.append(block.attn1.register_forward_hook(
+                self._handles.append(_submodule(block, spec.attn_name).register_forward_hook(
                     lambda m, a, out: hooks.hook_attn_out(out)))
             if hasattr(hooks, "hook_mlp_out"):
-                self._handles.append(block.ff.register_forward_hook(
+                self._handles.append(_submodule(block, spec.mlp_name).register_forward_hook(
                     lambda m, a, out: hooks.hook_mlp_out(out)))
         self._handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
         self._handles.append(block.register_forward_hook(post, with_kwargs=True))

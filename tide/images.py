@@ -1,4 +1,4 @@
-"""Image grids: tensors in [0, 1] to PNG files, optionally with a label per row."""
+"""Image grids: tensors in [0, 1] to PNG files, optionally with a label per row; videos as film strips."""
 
 from __future__ import annotations
 
@@ -16,6 +16,18 @@ def to_uint8(images_BCHW: torch.Tensor) -> np.ndarray:
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     return (rearrange(x, "b c h w -> b h w c") * 255).round().to(torch.uint8).numpy()
+
+
+STRIP_FRAMES = 8
+"""Frames of a video shown in a grid cell (evenly spaced, first and last included)."""
+
+
+def film_strip(videos_BCFHW: torch.Tensor, max_frames: int = STRIP_FRAMES) -> torch.Tensor:
+    """(B, C, H, k*W) images from (B, C, F, H, W) videos: ``k = min(max_frames, F)`` evenly spaced
+    frames of each video side by side, so videos fit wherever images do."""
+    f = videos_BCFHW.shape[2]
+    idx = torch.linspace(0, f - 1, min(max_frames, f)).round().long()
+    return rearrange(videos_BCFHW[:, :, idx], "b c f h w -> b c h (f w)")
 
 
 def image_grid(images_BCHW: torch.Tensor, nrow: int, pad: int = 1, scale: int = 1) -> np.ndarray:
@@ -44,8 +56,11 @@ def save_grid(images_BCHW: torch.Tensor, path: str | Path, nrow: int,
               row_labels: Sequence[str] | None = None, title: str | None = None, scale: int | None = None) -> Path:
     """Write a PNG grid; with ``row_labels`` (one per row) or a title it is drawn with matplotlib.
 
-    ``scale`` (nearest-neighbour upscaling) defaults to :func:`grid_scale` of the image size.
+    ``scale`` (nearest-neighbour upscaling) defaults to :func:`grid_scale` of the image size. Videos
+    (B, C, F, H, W) are drawn as film strips (:func:`film_strip`).
     """
+    if images_BCHW.dim() == 5:
+        images_BCHW = film_strip(images_BCHW)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if scale is None:

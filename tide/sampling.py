@@ -116,7 +116,7 @@ def initial_noise(backbone: Backbone, seeds: Sequence[int]) -> torch.Tensor:
     """
     shape = backbone.latent_shape()
     rows = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
-    return torch.stack(rows).to(backbone.device, backbone.dtype)
+    return torch.stack(rows).to(backbone.device, backbone.latent_dtype)
 
 
 class Step(NamedTuple):

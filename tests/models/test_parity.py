@@ -4,7 +4,8 @@ loading the same directory itself, gives from the same initial noise and prompt 
 
 The directories are tiny but shaped like the published checkpoints (see ``tiny_checkpoints.py``): DiT-XL/2
 (the Hub's legacy ``Transformer2DModel`` layout, learned sigma, 1000 classes, CFG), PixArt-α (legacy
-layout, micro-conditions, attention mask, DPM-Solver), PixArt-Σ, SD3 and SD3.5 (flow matching,
+layout, micro-conditions, attention mask, DPM-Solver), PixArt-Σ, SANA (linear attention, DC-AE,
+flow DPM-Solver), SD3 and SD3.5 (flow matching,
 dual attention, qk-norm), FLUX.1-dev (guidance embedding, dynamic shifting, packed latents) and
 FLUX.1-schnell (fixed shift, "true CFG").
 """
@@ -28,8 +29,9 @@ CHECKPOINTS = list(BUILDERS)
 STEPS = 4
 CONDS, SEEDS = [0, 1], [11, 12]
 FAMILY = {"dit-xl-2-256": "dit", "pixart-alpha-1024-ms": "pixart", "pixart-sigma-1024-ms": "pixart",
+          "sana-1600m-1024px": "sana",
           "sd3-medium": "sd3", "sd3.5-medium": "sd3", "flux.1-dev": "flux", "flux.1-schnell": "flux"}
-DEFAULT_GUIDANCE = {"dit": 4.0, "pixart": 4.5, "sd3": 7.0, "flux.1-dev": 3.5, "flux.1-schnell": 1.0}
+DEFAULT_GUIDANCE = {"dit": 4.0, "pixart": 4.5, "sana": 4.5, "sd3": 7.0, "flux.1-dev": 3.5, "flux.1-schnell": 1.0}
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +126,25 @@ def test_cli_lists_hooks_captures_and_verifies_every_family(name, checkpoints, t
     capsys.readouterr()
     assert main(["data", "verify", str(out)]) == 0
     assert "ok" in capsys.readouterr().out.lower()
+
+
+def test_sana_hooks_the_residual_stream_and_attention_but_not_its_convolutional_feed_forward(checkpoints):
+    hooked = HookedBackbone.of(load_backbone(checkpoints["sana-1600m-1024px"].path, device="cpu"))
+    shapes = hooked.hook_shapes()
+    n, d = hooked.backbone.num_tokens, hooked.backbone.d_model
+    assert n == 256 and shapes["blocks.1.hook_resid_post"] == (n, d) == shapes["blocks.0.hook_attn_out"]
+    assert not any(name.endswith("hook_mlp_out") for name in shapes)  # its FFN sees (D, rows, cols) maps
+
+
+@pytest.mark.parametrize("name", ["pixart-sigma-1024-ms", "sana-1600m-1024px", "sd3.5-medium", "flux.1-dev"])
+def test_bfloat16_samples_equal_the_pipeline_loaded_in_bfloat16(name, checkpoints):
+    """--dtype bfloat16 runs as the pipeline does with torch_dtype=bfloat16, latents in the dtype the
+    pipeline keeps them in (the weights' for PixArt/SD3/FLUX, float32 for SANA)."""
+    ckpt = checkpoints[name]
+    backbone = load_backbone(ckpt.path, device="cpu", dtype="bfloat16")
+    pipe = ckpt.pipeline(torch.bfloat16)
+    out = sample(backbone, CONDS, SEEDS, SamplerConfig(num_steps=STEPS))
+    noise = initial_noise(backbone, SEEDS)
+    assert noise.dtype == (torch.float32 if FAMILY[name] == "sana" else torch.bfloat16)
+    ref = ckpt.run(pipe, CONDS, noise, SEEDS, STEPS, None, "latent")
+    torch.testing.assert_close(out.latents, ref.float(), atol=1e-5, rtol=1e-5)

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from diffusers import (AutoencoderKL, DDIMScheduler, DiTTransformer2DModel, DPMSolverMultistepScheduler,
                        FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, PixArtTransformer2DModel,
-                       SD3Transformer2DModel)
+                       SanaTransformer2DModel, SD3Transformer2DModel)
 
 from tide.models import PromptBank
 from tide.models.loading import PROMPTS_FILE, TIDE_META
@@ -63,12 +63,12 @@ class Checkpoint:
     """Saved in the Hub's legacy layout (``Transformer2DModel``)."""
     extra: dict = field(default_factory=dict)
 
-    def pipeline(self):
+    def pipeline(self, dtype: torch.dtype = torch.float32):
         """The pipeline as diffusers itself loads the directory (its text encoders were saved as absent)."""
         index = json.loads((self.path / "model_index.json").read_text())
         expected, _ = self.pipeline_class._get_signature_keys(self.pipeline_class)
         absent = {k: None for k in expected if index.get(k, [None, None])[0] is None}
-        return self.pipeline_class.from_pretrained(self.path, local_files_only=True, **absent)
+        return self.pipeline_class.from_pretrained(self.path, local_files_only=True, torch_dtype=dtype, **absent)
 
 
 def _legacy(path: Path, extra_keys: dict) -> None:
@@ -89,8 +89,10 @@ def _np(images) -> torch.Tensor:
 
 
 def _text_call(pipe, bank, conds, pooled, mask):
+    """The pipeline's prompt-embedding arguments for ``conds``, in the pipeline's dtype (as its text encoder
+    would return them)."""
     idx = torch.tensor(conds)
-    t = bank.tensors
+    t = {k: v.to(pipe.transformer.dtype) if v.is_floating_point() else v for k, v in bank.tensors.items()}
     kw = {"prompt_embeds": t["prompt_embeds"][idx],
           "negative_prompt_embeds": t["negative_prompt_embeds"].expand(len(conds), -1, -1)}
     if pooled:
@@ -228,10 +230,45 @@ def _flux(path: Path, dev: bool) -> Checkpoint:
                       extra={"meta": {"latent_size": 8}})
 
 
+def _sana(path: Path) -> Checkpoint:
+    from diffusers import AutoencoderDC, SanaPipeline
+
+    torch.manual_seed(0)
+    # SANA-1600M-1024px: linear attention, Gemma-2 captions, DC-AE latents (32 channels there), flow DPM-Solver
+    transformer = SanaTransformer2DModel(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8,
+                                         num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=8,
+                                         cross_attention_dim=16, caption_channels=TEXT_DIM, sample_size=16,
+                                         patch_size=1)  # SanaPipeline wants image sizes divisible by 32
+    torch.manual_seed(1)
+    autoencoder = AutoencoderDC(in_channels=3, latent_channels=8, attention_head_dim=8,
+                                encoder_block_types=("ResBlock", "EfficientViTBlock"),
+                                decoder_block_types=("ResBlock", "EfficientViTBlock"),
+                                encoder_block_out_channels=(8, 16), decoder_block_out_channels=(8, 16),
+                                encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
+                                encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+                                decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407)
+    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, prediction_type="flow_prediction",
+                                            use_flow_sigmas=True, flow_shift=3.0, algorithm_type="dpmsolver++",
+                                            solver_order=2, lower_order_final=True)
+    SanaPipeline(tokenizer=None, text_encoder=None, vae=autoencoder, transformer=transformer,
+                 scheduler=scheduler).save_pretrained(path)
+    bank = prompt_bank(pooled=False, mask=True)
+
+    def run(pipe, conds, noise, seeds, steps, guidance, output_type):
+        kw = {} if guidance is None else {"guidance_scale": guidance}
+        out = pipe(**_text_call(pipe, bank, conds, False, True), negative_prompt=None, latents=noise.clone(),
+                   num_inference_steps=steps, height=2 * noise.shape[-2], width=2 * noise.shape[-1],
+                   use_resolution_binning=False, output_type=output_type, **kw).images
+        return out if output_type == "latent" else _np(out)
+
+    return Checkpoint("sana-1600m-1024px", path, SanaPipeline, run, bank)
+
+
 BUILDERS = {
     "dit-xl-2-256": _dit,
     "pixart-alpha-1024-ms": lambda p: _pixart(p, sigma=False),
     "pixart-sigma-1024-ms": lambda p: _pixart(p, sigma=True),
+    "sana-1600m-1024px": _sana,
     "sd3-medium": lambda p: _sd3(p, v35=False),
     "sd3.5-medium": lambda p: _sd3(p, v35=True),
     "flux.1-dev": lambda p: _flux(p, dev=True),

@@ -12,6 +12,10 @@ samples in one batched :func:`tide.sampling.sample` call, while a read-only
 :class:`~tide.sampling.Intervention` records the hook activation at the steps where the features
 fired. Each recorded (sample, step) activation is encoded by the SAE at that step's timestep; the
 feature's activation per token, shaped to the patch grid and upsampled, is overlaid on the image.
+Video backbones (a (frames, rows, cols) grid) get a film strip instead: up to 8 latent frames (the
+top token's frame always among them), each heat map over the decoded frame it lines up with; the
+JSON ``heatmap`` is then one (rows x cols) map per latent frame, and captions name the top token's
+(frame, row, col).
 The regenerated activation at the top token is reported beside the captured one
 (``value`` vs ``regenerated_value``): they agree up to the capture's storage precision.
 """
@@ -154,7 +158,7 @@ def regenerate(backbone, hook: str, manifest: dict, needs: dict[int, set[int]], 
                 acts[(sid, ctx.step_index)] = act_BTD[row].detach().float().cpu().clone()
         return None
 
-    config = SamplerConfig(num_steps=int(cfg.get("num_steps", 50)), guidance_scale=float(cfg.get("guidance_scale", 1.0)),
+    config = SamplerConfig(num_steps=int(cfg.get("num_steps", 50)), guidance_scale=cfg.get("guidance_scale", 1.0),
                            batch_size=batch_size)
     if not ids:
         return Regenerated({}, acts, timesteps)
@@ -206,6 +210,41 @@ def overlay(image_CHW: torch.Tensor, heat_grid: np.ndarray, min_px: int = 160, a
     scale = max(1, -(-min_px // max(h, w)))
     big = [a.repeat(scale, 0).repeat(scale, 1) for a in (img, blend)]
     return big[0], big[1]
+
+
+def video_frames(num_latent: int, num_pixel: int, keep: int | None = None,
+                 max_frames: int = 8) -> list[tuple[int, int]]:
+    """(latent frame, pixel frame) pairs to show for a video: at most ``max_frames`` latent frames evenly
+    spread (plus ``keep``, the frame of the top token), each with the decoded frame it lines up with
+    (latent frame k <-> pixel frame k * (num_pixel - 1) / (num_latent - 1): Wan's causal VAE decodes
+    latent frame 0 to frame 0 and each later one to the next ``temporal_scale`` frames)."""
+    picked = set(np.linspace(0, num_latent - 1, min(max_frames, num_latent)).round().astype(int).tolist())
+    if keep is not None:
+        picked.add(int(keep))
+    scale = (num_pixel - 1) / max(num_latent - 1, 1)
+    return [(k, min(num_pixel - 1, round(k * scale))) for k in sorted(picked)]
+
+
+def overlay_video(video_CFHW: torch.Tensor, heat_FRC: np.ndarray, min_px: int = 160, keep: int | None = None,
+                  gap: int = 4):
+    """(plain, overlaid) film strips of a video: :func:`overlay` of each shown latent frame's heat map
+    on its decoded frame (see :func:`video_frames`), side by side with a white ``gap``."""
+    pairs = video_frames(heat_FRC.shape[0], video_CFHW.shape[1], keep)
+    frames = [overlay(video_CFHW[:, p], heat_FRC[k], min_px) for k, p in pairs]
+    strips = []
+    for which in (0, 1):
+        tiles = [frames[0][which]]
+        for f in frames[1:]:
+            tiles += [np.full((f[which].shape[0], gap, 3), 255, np.uint8), f[which]]
+        strips.append(np.concatenate(tiles, axis=1))
+    return strips[0], strips[1]
+
+
+def _heat_json(heat: np.ndarray) -> list:
+    """A heat map as nested lists (rows of values; one such map per frame for video), 6 decimals."""
+    if heat.ndim > 2:
+        return [_heat_json(h) for h in heat]
+    return [[round(float(v), 6) for v in row] for row in np.atleast_2d(heat)]
 
 
 def _plots():
@@ -363,12 +402,21 @@ def index_html(meta: dict, records: list[dict]) -> str:
         {k: r[k] for k in ("id", "label", "frequency", "top_class", "top_auroc", "peak_timestep")} for r in records]})
 
 
+def _where(token: int, grid: list[int]) -> str:
+    """`` (frame f, row r, col c)`` for a video token; empty for images (their grid is small and square)."""
+    if len(grid) != 3:
+        return ""
+    f, r, c = (int(x) for x in np.unravel_index(int(token), tuple(grid)))
+    return f" (frame {f}, row {r}, col {c})"
+
+
 def feature_html(meta: dict, r: dict, pictures: dict) -> str:
     names = meta["condition_names"]
     figs = []
     for im, pics in zip(r["images"], pictures["images"]):
         cap = (f"sample {im['sample_id']} · {E(im['cond_name'])} · seed {im['seed']} · step {im['step']} "
-               f"(t={_fmt(im['timestep'], 'g')}) · token {im['token']} · activation {_fmt(im['value'])} "
+               f"(t={_fmt(im['timestep'], 'g')}) · token {im['token']}{_where(im['token'], meta['patch_grid'])} "
+               f"· activation {_fmt(im['value'])} "
                f"(regenerated {_fmt(im['regenerated_value'])})")
         figs.append(f'<figure><img alt="sample {im["sample_id"]}" src="data:image/png;base64,{pics[0]}"> '
                     f'<img alt="activation overlay" src="data:image/png;base64,{pics[1]}">'
@@ -438,7 +486,8 @@ def export_dashboard(config: DashboardConfig, backbone=None) -> Path:
             spec = config.backbone or cfgm.get("backbone")
             if not spec:
                 raise TideError(f"the manifest of {data_path} names no backbone: pass backbone=")
-            backbone = load_backbone(spec, prompts=cfgm.get("prompts"), device=config.device)
+            backbone = load_backbone(spec, prompts=cfgm.get("prompts"), device=config.device,
+                                     dtype=cfgm.get("dtype", "float32"))
         for s in needs:
             cond, _ = capture_sample(manifest, backbone, s)
             if 0 <= stats.sample_cond[s] != cond:
@@ -471,8 +520,12 @@ def export_dashboard(config: DashboardConfig, backbone=None) -> Path:
             r["images"].append({"sample_id": o.sample_id, "cond": cond, "cond_name": names[cond] if cond < len(names) else str(cond),
                                 "seed": seed, "step": o.step, "timestep": _num(o.timestep), "token": o.token,
                                 "value": o.value, "regenerated_value": float(h.reshape(-1)[o.token]),
-                                "heatmap": [[round(float(v), 6) for v in row] for row in np.atleast_2d(h)]})
-            plain, over = overlay(regen.images[o.sample_id], np.atleast_2d(h), config.image_px)
+                                "heatmap": _heat_json(h)})
+            if h.ndim == 3:  # video: a strip of frames, the top token's frame among them
+                frame = int(np.unravel_index(o.token, h.shape)[0])
+                plain, over = overlay_video(regen.images[o.sample_id], h, config.image_px, keep=frame)
+            else:
+                plain, over = overlay(regen.images[o.sample_id], np.atleast_2d(h), config.image_px)
             pics["images"].append((_png_b64(plain), _png_b64(over)))
         records.append(r)
         pictures[f] = pics

@@ -11,7 +11,8 @@ For every SAE feature (latent) ``f``:
   sample's tokens (and over its recorded steps for the overall score, or at one step for the
   per-step score), then the one-vs-rest AUROC of that score for each condition (class), computed
   exactly from mid-ranks (ties count one half) once the pass is over;
-- **spatial map**: the mean activation at each token position, shaped to the patch grid.
+- **spatial map**: the mean activation at each token position, shaped to the patch grid:
+  (rows, cols) for images, (frames, rows, cols) — one map per latent frame — for video backbones.
 
 Latents of every sparsity are non-negative, so "fires" means "> 0" and the pass only looks at the
 positive entries (a TopK SAE's k per row, or the non-zeros of a dense code).
@@ -74,7 +75,8 @@ class FeatureStats:
     topk_timestep: np.ndarray
     """(F, K) their timesteps (NaN in empty slots)."""
     topk_token: np.ndarray
-    """(F, K) their token (patch) indices, row-major over the patch grid (-1 in empty slots)."""
+    """(F, K) their token (patch) indices, row-major over the patch grid (-1 in empty slots);
+    :func:`tide.data.token_coords` gives their (frame,) row and column."""
     sample_cond: np.ndarray
     """(N,) condition (class) id of each sample; -1 for a sample with no processed rows."""
     image_acts_step: np.ndarray
@@ -149,7 +151,8 @@ class FeatureStats:
 
     @property
     def spatial_mean(self) -> np.ndarray:
-        """(F, *patch_grid) mean activation at each token position (NaN where no row was processed)."""
+        """(F, *patch_grid) mean activation at each token position (NaN where no row was processed):
+        (F, rows, cols) for images, (F, frames, rows, cols) for video."""
         mean_TF = _ratio(self.spatial_sum, self.token_rows[:, None])
         return mean_TF.T.reshape(self.num_features, *self.patch_grid)
 

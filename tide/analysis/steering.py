@@ -21,6 +21,7 @@ edit applied from a given step on, so the trajectory up to that step is the orig
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -72,9 +73,9 @@ def _check_mask(mask) -> torch.Tensor | None:
     mask = torch.as_tensor(mask)
     if mask.dtype != torch.bool:
         raise TideError(f"the spatial mask must be a bool tensor, got dtype {mask.dtype}")
-    if mask.dim() not in (1, 2):
-        raise TideError(f"the spatial mask must have shape (rows, cols) of the patch grid or (num_tokens,), "
-                        f"got shape {tuple(mask.shape)}")
+    if mask.dim() not in (1, 2, 3):
+        raise TideError(f"the spatial mask must have shape (rows, cols) of the patch grid ((frames, rows, cols) for "
+                        f"video) or (num_tokens,), got shape {tuple(mask.shape)}")
     return mask
 
 
@@ -173,8 +174,8 @@ def edit_generation(model, sae, conds: Sequence[int], seeds: Sequence[int], samp
     checked = _check_mask(mask)
     if checked is not None and ".hook_txt_" not in hook:
         grid = tuple(backbone.patch_grid)
-        if tuple(checked.shape) not in (grid, (grid[0] * grid[1],)):
-            raise _mask_error(checked, grid[0] * grid[1], grid)
+        if tuple(checked.shape) not in (grid, (math.prod(grid),)):
+            raise _mask_error(checked, math.prod(grid), grid)
     iv = steering_intervention(sae, edits, steps=(int(from_step), stop), mask=checked, branch=branch, hook=hook)
     before = sample(model, conds, seeds, config, progress=progress, decode=decode)
     after = sample(model, conds, seeds, config, interventions=[iv], progress=progress, decode=decode)
@@ -212,8 +213,11 @@ def save_before_after(before: SampleOutput, after: SampleOutput, path, row_label
 MASK_REGIONS = ("upper", "lower", "left", "right", "centre")
 
 
-def region_mask(region: str, grid: tuple[int, int]) -> torch.Tensor:
-    """A named half (or the centre) of the patch grid as a bool (rows, cols) mask."""
+def region_mask(region: str, grid: tuple[int, ...]) -> torch.Tensor:
+    """A named half (or the centre) of the patch grid as a bool (rows, cols) mask; for a video grid
+    (frames, rows, cols) the same region in every frame."""
+    if len(grid) == 3:
+        return region_mask(region, tuple(grid[1:]))[None].expand(int(grid[0]), -1, -1).clone()
     rows, cols = grid
     mask = torch.zeros(rows, cols, dtype=torch.bool)
     if region == "upper":

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 import tide
 from tide.capture.schema import (MANIFEST, PROGRESS_DIR, SCHEMA, SCHEMA_VERSION, TMP_SUFFIX, atomic_write_json,
-                                 canonical_hash, progress_name, shard_name)
+                                 canonical_hash, progress_name, shard_name, token_dtype)
 from tide.capture.writer import ShardDone, ShardRecord, ShardWriter, StepChunk
 from tide.config import to_dict
 from tide.errors import TideError
@@ -187,7 +187,7 @@ class Recorder:
             "timestep": np.full(n * k, ctx.timestep, np.float32),
             "step_index": np.full(n * k, ctx.step_index, np.int16),
             "sample_id": rep(ctx.sample_ids_B[rows].numpy()).astype(np.int32),
-            "token": tokens.reshape(-1).numpy().astype(np.int16),
+            "token": tokens.reshape(-1).numpy().astype(token_dtype(self.num_tokens)),
             "cond": rep([self.sample_conds[int(i)] for i in ctx.sample_ids_B[rows]]).astype(np.int32),
             "cfg_branch": rep(ctx.cfg_branch_B[rows].numpy()).astype(np.int8),
         }
@@ -268,8 +268,9 @@ def capture(config: CaptureConfig, backbone: Backbone | None = None, progress: b
     config.validate()
     out = Path(config.out)
     backbone = backbone or config.load_backbone()
-    # the guidance actually used is part of the data: record it, never None
-    config = dataclasses.replace(config, guidance_scale=backbone.resolve_guidance(config.guidance_scale))
+    # the guidance and weight dtype actually used are part of the data: record them as used
+    config = dataclasses.replace(config, guidance_scale=backbone.resolve_guidance(config.guidance_scale),
+                                 dtype=str(backbone.dtype).removeprefix("torch."))
     if config.cfg_branch != "cond" and not backbone.uses_cfg(config.guidance_scale):
         raise TideError(f"cfg_branch={config.cfg_branch!r} needs classifier-free guidance, but the {backbone.family} "
                         f"backbone at guidance_scale={config.guidance_scale:g} has no unconditional half: set "

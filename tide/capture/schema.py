@@ -31,7 +31,20 @@ META_COLUMNS: dict[str, np.dtype] = {
     "cond": np.dtype("int32"),
     "cfg_branch": np.dtype("int8"),
 }
-"""Per-row metadata datasets at the shard root, with their dtypes."""
+"""Per-row metadata datasets at the shard root, with their dtypes (``token``: the narrowest one, see
+:data:`COLUMN_DTYPES`)."""
+COLUMN_DTYPES: dict[str, tuple[np.dtype, ...]] = {
+    **{name: (dtype,) for name, dtype in META_COLUMNS.items()},
+    "token": (np.dtype("int16"), np.dtype("int32")),
+}
+"""Dtypes a metadata column may have: ``token`` is int16, or int32 when the patch grid has more
+tokens than int16 holds (video: frames x rows x cols; see :func:`token_dtype`)."""
+
+
+def token_dtype(num_tokens: int) -> np.dtype:
+    """Dtype of the ``token`` column for ``num_tokens`` tokens per sample: int16 while the indices
+    0..num_tokens-1 fit, else int32."""
+    return np.dtype("int16") if num_tokens - 1 <= np.iinfo(np.int16).max else np.dtype("int32")
 BRANCHES = {"cond": 0, "uncond": 1}
 """``cfg_branch`` values: the conditional and the unconditional (null-condition) half."""
 

@@ -18,7 +18,7 @@ from typing import Callable
 import h5py
 import numpy as np
 
-from tide.capture.schema import (ACTS_GROUP, FP16_MAX, META_COLUMNS, SCHEMA, SCHEMA_VERSION, TMP_SUFFIX,
+from tide.capture.schema import (ACTS_GROUP, COLUMN_DTYPES, FP16_MAX, META_COLUMNS, SCHEMA, SCHEMA_VERSION, TMP_SUFFIX,
                                  dtype_attr, fsync_dir, sha256_file, shard_name)
 from tide.errors import TideError
 
@@ -164,7 +164,9 @@ class ShardWriter:
                 dtypes[hook] = str(data.dtype)
                 f.attrs[dtype_attr(hook)] = str(data.dtype)
             for column, dt in META_COLUMNS.items():
-                f.create_dataset(column, data=np.concatenate([c.meta[column] for c in chunks]).astype(dt),
+                data = np.concatenate([c.meta[column] for c in chunks])
+                # the recorder picks the token column's width (int32 for large video grids); others are fixed
+                f.create_dataset(column, data=data if data.dtype in COLUMN_DTYPES[column] else data.astype(dt),
                                  track_times=False)
             f.flush()
         with open(tmp, "rb+") as fh:

@@ -1,8 +1,10 @@
 """Captured activation datasets: open and verify them (``ActivationStore``), summarise them
-(``info``, per-timestep ``stats``) and stream shuffled, filtered batches (``ActivationLoader``)."""
+(``info``, per-timestep ``stats``), stream shuffled, filtered batches (``ActivationLoader``) and
+map a row's ``token`` to its (frame,) row and column (``token_coords``)."""
 
+from tide.data.coords import coords_token, token_coords
 from tide.data.loader import ActivationLoader, Batch, LoaderConfig
 from tide.data.store import ActivationStore, ShardInfo, TimestepStats, VerifyReport
 
 __all__ = ["ActivationLoader", "ActivationStore", "Batch", "LoaderConfig", "ShardInfo", "TimestepStats",
-           "VerifyReport"]
+           "VerifyReport", "coords_token", "token_coords"]

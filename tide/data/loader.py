@@ -16,7 +16,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 
-from tide.capture.schema import BRANCHES, META_COLUMNS
+from tide.capture.schema import BRANCHES, COLUMN_DTYPES, META_COLUMNS
 from tide.data.store import ActivationStore
 from tide.errors import TideError
 
@@ -203,7 +203,7 @@ class ActivationLoader:
         dtypes = self.store.storage_dtypes()
         widths = {h: (self.store.hooks[h], dtypes[h]) for h in self.hooks}
         self.columns = list(META_COLUMNS) if config.with_metadata else ["timestep"]
-        col_dtypes = {c: META_COLUMNS[c] for c in self.columns}
+        col_dtypes = {c: max(COLUMN_DTYPES[c], key=lambda d: d.itemsize) for c in self.columns}  # token may be int32
         if config.with_metadata:
             col_dtypes.update({c: np.dtype("int64") for c in EXTRA_COLUMNS})
         self.read_columns = sorted(set(self.columns) | set(config.filter_columns()), key=list(META_COLUMNS).index)

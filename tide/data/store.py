@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 
 from tide.capture.schema import (
-    ACTS_DTYPES, ACTS_GROUP, BRANCHES, MANIFEST, META_COLUMNS, SCHEMA, SCHEMA_VERSION, STATS_FILE,
+    ACTS_DTYPES, ACTS_GROUP, BRANCHES, COLUMN_DTYPES, MANIFEST, META_COLUMNS, SCHEMA, SCHEMA_VERSION, STATS_FILE,
     dtype_attr,
 )
 from tide.errors import TideError
@@ -236,6 +236,19 @@ class ActivationStore:
                 f"shards={len(self.shards)})")
 
     @property
+    def patch_grid(self) -> tuple[int, ...]:
+        """The backbone's token grid: (rows, cols) for images, (frames, rows, cols) for video; the
+        ``token`` column is row-major over it (see :mod:`tide.data.coords`)."""
+        return tuple(int(g) for g in self.manifest.get("patch_grid") or [self.manifest["num_tokens"]])
+
+    def token_coords(self, token) -> tuple:
+        """Grid coordinates of ``token`` values of this dataset: (frame, row, col) for video,
+        (row, col) for images (see :func:`tide.data.token_coords`)."""
+        from tide.data.coords import token_coords
+
+        return token_coords(token, self.patch_grid)
+
+    @property
     def recorded_steps(self) -> list[int]:
         return [int(s) for s in self.manifest.get("schedule", {}).get("recorded_steps", [])]
 
@@ -447,14 +460,15 @@ class ActivationStore:
         extra = sorted(set(group) - set(self.hooks))
         if extra:
             found.append(f"holds hook(s) {extra} the manifest does not list")
-        for name, dtype in META_COLUMNS.items():
+        for name in META_COLUMNS:
             ds = f.get(name)
+            allowed = COLUMN_DTYPES[name]
             if not isinstance(ds, h5py.Dataset):
                 found.append(f"has no /{name} column")
             elif ds.shape != (shard.rows,):
                 found.append(f"/{name} has shape {ds.shape}, expected ({shard.rows},)")
-            elif ds.dtype != dtype:
-                found.append(f"/{name} has dtype {ds.dtype}, expected {dtype}")
+            elif ds.dtype not in allowed:
+                found.append(f"/{name} has dtype {ds.dtype}, expected {' or '.join(map(str, allowed))}")
         return found
 
     def _scan(self, f: h5py.File, shard: ShardInfo) -> list[str]:
@@ -590,7 +604,8 @@ class ActivationStore:
                             if i["timestep_range"] else ""))
         if i["tokens_kept"] is not None:
             lines.append(f"  tokens       {i['tokens_kept']} kept of {i['num_tokens']} per image"
-                         + (f" (patch grid {i['patch_grid'][0]}x{i['patch_grid'][1]})" if i["patch_grid"] else "")
+                         + (f" (patch grid {'x'.join(map(str, i['patch_grid']))}"
+                            f"{', frames x rows x cols' if len(i['patch_grid']) == 3 else ''})" if i["patch_grid"] else "")
                          + (f", {i['cfg_branches']} CFG branch(es)" if i["cfg_branches"] else ""))
         lines.append("  hooks")
         width = max(len(h) for h in i["hooks"])

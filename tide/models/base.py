@@ -105,6 +105,12 @@ class Backbone(nn.Module, abc.ABC):
     def dtype(self) -> torch.dtype:
         return next(self.transformer.parameters()).dtype
 
+    @property
+    def latent_dtype(self) -> torch.dtype:
+        """The dtype the sampler keeps the latents in, as the family's pipeline does: the weights' dtype
+        (DiT, PixArt, SD3, FLUX), or float32 where the pipeline keeps float32 latents (SANA, Wan)."""
+        return self.dtype
+
     @abc.abstractmethod
     def latent_shape(self) -> tuple[int, ...]:
         """(channels, height, width) of the tensor the sampler denoises; (channels, frames, height,

@@ -9,10 +9,12 @@ from tide.models.base import Backbone
 from tide.models.dit import DiTBackbone
 from tide.models.flux import FluxBackbone
 from tide.models.pixart import PixArtBackbone
+from tide.models.sana import SanaBackbone
 from tide.models.sd3 import SD3Backbone
+from tide.models.wan import WanBackbone
 
 FAMILIES: dict[str, type[Backbone]] = {
-    cls.family: cls for cls in (DiTBackbone, PixArtBackbone, SD3Backbone, FluxBackbone)}
+    cls.family: cls for cls in (DiTBackbone, PixArtBackbone, SanaBackbone, SD3Backbone, FluxBackbone, WanBackbone)}
 """Backbone adapters by family name."""
 
 

@@ -1,4 +1,4 @@
-"""What the text-conditioned latent families (PixArt, SD3, FLUX) share.
+"""What the text-conditioned latent families (PixArt, SD3, FLUX, Wan) share.
 
 No text encoder runs in tide: conditions are indices into a :class:`~tide.models.base.PromptBank`
 (precomputed prompt embeddings). This module turns condition ids into the embedding tensors a
@@ -76,9 +76,10 @@ class TextBackbone(Backbone):
         size = self.meta.get("latent_size", default)
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         p = self.patch_size
-        if h <= 0 or w <= 0 or h % p or w % p:
+        ph, pw = (p, p) if isinstance(p, int) else tuple(p)[-2:]  # video: (frames, rows, cols) patches
+        if h <= 0 or w <= 0 or h % ph or w % pw:
             raise TideError(f"latent size {h}x{w} of the {self.family} backbone must be positive and "
-                            f"divisible by its patch size {p} (set `latent_size` in tide.json)")
+                            f"divisible by its patch size {ph}x{pw} (set `latent_size` in tide.json)")
         return int(h), int(w)
 
     @property
