@@ -190,7 +190,7 @@ class Trajectory:
                     out = hooked(x_in, step.t, self.cond)
         if self.cfg:
             out_c, out_u = out.chunk(2)
-            out = out_u + self.guidance_scale * (out_c - out_u)
+            out = self.backbone.combine_guidance(out_c, out_u, self.guidance_scale)
         return out
 
     def advance(self, step: Step, out: torch.Tensor) -> torch.Tensor:

@@ -31,16 +31,14 @@ times) have value 0 and sample id, step and token -1.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
 
-from tide.capture.schema import canonical_hash, fsync_dir
+from tide.io import atomic_path, canonical_hash, tensors_hash
 from tide.data import ActivationStore
 from tide.device import resolve_device
 from tide.errors import TideError
@@ -195,14 +193,6 @@ def auroc_one_vs_rest(score_NF: np.ndarray, label_N: np.ndarray, num_classes: in
 
 
 # ---------------------------------------------------------------------- the pass
-
-def _hash_state(sae) -> str:
-    h = hashlib.sha256()
-    for name, tensor in sorted(sae.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
 
 def _positive_coo(latents, d_sae: int):
     """(row, feature, value) of the positive latents of a batch."""
@@ -371,7 +361,7 @@ def compute_feature_stats(sae, store_or_path, hook: str | None = None, top_k: in
         else np.full((S, C, F), np.nan)
 
     attrs = dict(schema=SCHEMA, schema_version=SCHEMA_VERSION, hook=hook, sae_path=sae_path,
-                 sae_config_hash=canonical_hash(dataclasses.asdict(cfg)), sae_weights_hash=_hash_state(sae),
+                 sae_config_hash=canonical_hash(dataclasses.asdict(cfg)), sae_weights_hash=tensors_hash(sae.state_dict().items()),
                  sae_config=json.dumps(dataclasses.asdict(cfg), sort_keys=True),
                  dataset_path=str(store.path), manifest_sha256=store.manifest_sha256, dataset_rows=int(store.rows),
                  rows=int(processed), cfg_branch=-1 if cfg_branch is None else int(cfg_branch), top_k=K,
@@ -403,20 +393,11 @@ def save_feature_stats(stats: FeatureStats, path: str | Path) -> Path:
     if path.is_dir():
         path = path / FILENAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            for name in _ARRAYS:
-                f.create_dataset(name, data=np.asarray(getattr(stats, name)))
-            for key, value in stats.attrs.items():
-                f.attrs[key] = json.dumps(value) if key in _JSON_ATTRS else value
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        for name in _ARRAYS:
+            f.create_dataset(name, data=np.asarray(getattr(stats, name)))
+        for key, value in stats.attrs.items():
+            f.attrs[key] = json.dumps(value) if key in _JSON_ATTRS else value
     return path
 
 

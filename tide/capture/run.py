@@ -8,7 +8,6 @@ a resumed capture skips the finished ones. See docs/FORMAT.md.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -22,11 +21,11 @@ import torch
 from tqdm.auto import tqdm
 
 import tide
-from tide.capture.schema import (MANIFEST, PROGRESS_DIR, SCHEMA, SCHEMA_VERSION, TMP_SUFFIX, atomic_write_json,
-                                 canonical_hash, progress_name, shard_name, token_dtype)
+from tide.capture.schema import MANIFEST, PROGRESS_DIR, SCHEMA, SCHEMA_VERSION, TMP_SUFFIX, progress_name, token_dtype
 from tide.capture.writer import ShardDone, ShardRecord, ShardWriter, StepChunk
 from tide.config import to_dict
 from tide.errors import TideError
+from tide.io import atomic_write_json, canonical_hash
 from tide.hooks import BRANCH_NAMES, HookedBackbone, current_step
 from tide.models.base import Backbone
 from tide.models.loading import BackboneConfig
@@ -113,16 +112,6 @@ def parse_record_steps(spec: str, num_steps: int) -> list[int]:
     if bad or not steps:
         raise TideError(f"record_steps {spec!r}: step indices must lie in 0..{num_steps - 1} (got {bad or 'none'})")
     return steps
-
-
-def backbone_hash(backbone: Backbone) -> str:
-    """SHA-256 over the transformer's config and weights: identifies the model a dataset came from."""
-    config = {k: v for k, v in dict(backbone.transformer.config).items() if not k.startswith("_")}
-    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(backbone.transformer.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 class Recorder:
@@ -295,7 +284,7 @@ def capture(config: CaptureConfig, backbone: Backbone | None = None, progress: b
                             batch_size=config.samples_per_shard)
     timesteps = [float(t) for t in backbone.make_scheduler(config.num_steps).timesteps]
     record_steps = parse_record_steps(config.record_steps, config.num_steps)
-    bhash = backbone_hash(backbone)
+    bhash = backbone.identity_hash()
     if previous is not None and previous.get("backbone_hash") != bhash:
         raise TideError(f"cannot resume {out}: it was captured from different model weights "
                         f"({previous.get('backbone', {}).get('name')}); use the same --backbone or --overwrite")

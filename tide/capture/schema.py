@@ -1,13 +1,10 @@
-"""The activation dataset format (docs/FORMAT.md): names, constants and atomic file helpers."""
+"""The activation dataset format (docs/FORMAT.md): names and constants."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-from pathlib import Path
-
 import numpy as np
+
+from tide.io import TMP_SUFFIX  # noqa: F401  (the format's temporary-file suffix)
 
 SCHEMA = "tide.activations"
 """The ``schema`` value of every manifest and shard."""
@@ -16,7 +13,6 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 PROGRESS_DIR = "progress"
 STATS_FILE = "stats.h5"
-TMP_SUFFIX = ".tmp"
 FP16_MAX = 65504.0
 
 ACTS_GROUP = "acts"
@@ -62,38 +58,3 @@ def progress_name(rank: int) -> str:
     return f"{PROGRESS_DIR}/rank-{rank}.json"
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def fsync_dir(path: str | Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so a reader sees the old file or the new one, never a partial one."""
-    path = Path(path)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: str | Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
-
-
-def canonical_hash(obj) -> str:
-    """SHA-256 of the canonical JSON form of ``obj``."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -7,7 +7,6 @@ temp file, fsyncs, renames it into place and reports the finished shard.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -18,9 +17,10 @@ from typing import Callable
 import h5py
 import numpy as np
 
-from tide.capture.schema import (ACTS_GROUP, COLUMN_DTYPES, FP16_MAX, META_COLUMNS, SCHEMA, SCHEMA_VERSION, TMP_SUFFIX,
-                                 dtype_attr, fsync_dir, sha256_file, shard_name)
+from tide.capture.schema import (ACTS_GROUP, COLUMN_DTYPES, FP16_MAX, META_COLUMNS, SCHEMA, SCHEMA_VERSION, dtype_attr,
+                                 shard_name)
 from tide.errors import TideError
+from tide.io import atomic_path, sha256_file
 
 
 @dataclass
@@ -135,16 +135,10 @@ class ShardWriter:
         hooks = list(chunks[0].acts)
         name = shard_name(done.shard)
         final = self.out / name
-        tmp = self.out / (name + TMP_SUFFIX)
         rows = sum(len(c.meta["sample_id"]) for c in chunks)
         dtypes = {}
-        try:
+        with atomic_path(final) as tmp:
             self._write_file(tmp, done, chunks, hooks, rows, dtypes)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        os.replace(tmp, final)
-        fsync_dir(self.out)
         size = final.stat().st_size
         self.bytes_written += size
         self.rows_written += rows
@@ -168,6 +162,3 @@ class ShardWriter:
                 # the recorder picks the token column's width (int32 for large video grids); others are fixed
                 f.create_dataset(column, data=data if data.dtype in COLUMN_DTYPES[column] else data.astype(dt),
                                  track_times=False)
-            f.flush()
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())

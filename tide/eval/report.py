@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tide.capture.schema import atomic_write_json
+from tide.io import atomic_write_json
 from tide.config import save_yaml, to_dict
 from tide.errors import TideError
 
@@ -147,7 +147,6 @@ def evaluate(config: EvalConfig, backbone=None, sae=None, progress: bool = True)
     ``backbone`` / ``sae`` may be passed already loaded (notebooks, tests); otherwise they are loaded
     from ``config.backbone`` (default: the dataset manifest's) and ``config.sae``.
     """
-    from tide.capture.run import backbone_hash
     from tide.data import ActivationStore
     from tide.device import resolve_device
     from tide.eval.classifier import load_classifier
@@ -216,7 +215,7 @@ def evaluate(config: EvalConfig, backbone=None, sae=None, progress: bool = True)
                 raise TideError(f"cannot load backbone {spec!r} named in the manifest of {store.path}: {exc} "
                                 "(pass the capture's backbone with --backbone)") from None
         expected = store.manifest.get("backbone_hash")
-        if expected and backbone_hash(backbone) != expected:
+        if expected and backbone.identity_hash() != expected:
             raise TideError(f"backbone {backbone.name!r} is not the model {store.path} was captured from (its weights "
                             "differ): pass the capture's backbone with --backbone")
         sampler = SamplerConfig(

@@ -216,6 +216,11 @@ class Backbone(nn.Module, abc.ABC):
         """Whether sampling at this guidance scale doubles the batch with null conditions."""
         return guidance_scale != 1.0
 
+    def combine_guidance(self, out_cond: torch.Tensor, out_uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+        """Classifier-free guidance from the conditional and unconditional outputs, as the family's
+        pipeline combines them (``uncond + scale * (cond - uncond)``; a family may rescale)."""
+        return out_uncond + guidance_scale * (out_cond - out_uncond)
+
     def guidance_inputs(self, guidance_scale: float) -> dict[str, Any]:
         """Extra conditioning entries that carry the guidance scale into the model itself
         (guidance-distilled checkpoints); empty for classifier-free guidance."""
@@ -251,6 +256,13 @@ class Backbone(nn.Module, abc.ABC):
                 latents = latents + cfg.shift_factor
             images = self.vae.decode(latents).sample
         return ((images.float() + 1) / 2).clamp(0, 1)
+
+    def identity_hash(self) -> str:
+        """SHA-256 over the transformer's config and weights: identifies the model a dataset came from."""
+        from tide.io import tensors_hash
+
+        config = {k: v for k, v in dict(self.transformer.config).items() if not k.startswith("_")}
+        return tensors_hash(self.transformer.state_dict().items(), config)
 
     def describe(self) -> dict:
         """A JSON-able description: family, sizes, scheduler; used in provenance records."""

@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tide.capture.schema import atomic_write_json
+from tide.io import atomic_path, atomic_write_json
 from tide.config import from_dict
 from tide.errors import TideError
 from tide.sae.config import SAEConfig
@@ -31,9 +31,8 @@ def save_sae(sae: SAE, path: str | Path, extra: dict | None = None) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
-    tmp = path / (WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(path / WEIGHTS)
+    with atomic_path(path / WEIGHTS) as tmp:
+        save_file(tensors, str(tmp))
     atomic_write_json(path / CONFIG, {"format": FORMAT, "version": 1, "config": dataclasses.asdict(sae.cfg), **(extra or {})})
     return path
 
@@ -94,7 +93,8 @@ def export_folded(sae: SAE, path: str | Path, timesteps: Sequence[float]) -> lis
             tensors["threshold"] = folded.threshold[0].expand(cfg.d_sae).contiguous()
         d = path / f"t{float(t):07.2f}"
         d.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().float() for k, v in tensors.items()}, str(d / FOLDED_WEIGHTS))
+        with atomic_path(d / FOLDED_WEIGHTS) as tmp:
+            save_file({k: v.detach().cpu().float() for k, v in tensors.items()}, str(tmp))
         atomic_write_json(d / CONFIG, {
             "architecture": _architecture(cfg), "d_in": cfg.d_in, "d_sae": cfg.d_sae, "k": cfg.k if cfg.sparsity == "topk" else None,
             "hook_name": cfg.hook, "model_name": cfg.backbone, "timestep": float(t), "apply_b_dec_to_input": True,

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from tide.capture.schema import atomic_write_bytes, atomic_write_json
+from tide.io import atomic_write_bytes, atomic_write_json
 from tide.config import to_dict
 from tide.data import ActivationLoader, ActivationStore, LoaderConfig
 from tide.device import resolve_device
