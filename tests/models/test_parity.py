@@ -7,7 +7,8 @@ The directories are tiny but shaped like the published checkpoints (see ``tiny_c
 layout, micro-conditions, attention mask, DPM-Solver), PixArt-Σ, SANA (linear attention, DC-AE,
 flow DPM-Solver), SD3 and SD3.5 (flow matching,
 dual attention, qk-norm), FLUX.1-dev (guidance embedding, dynamic shifting, packed latents) and
-FLUX.1-schnell (fixed shift, "true CFG").
+FLUX.1-schnell (fixed shift, "true CFG"), Qwen-Image (packed latents, text padding mask, dynamic
+shifting with a terminal sigma, norm-rescaled "true CFG", a one-frame video VAE).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from tide.cli import main
 from tide.errors import TideError
 from tide.hooks import HookedBackbone
-from tide.models import load_backbone
+from tide.models import PromptBank, load_backbone
 from tide.sampling import SamplerConfig, initial_noise, sample
 
 from tiny_checkpoints import BUILDERS, build
@@ -30,8 +31,10 @@ STEPS = 4
 CONDS, SEEDS = [0, 1], [11, 12]
 FAMILY = {"dit-xl-2-256": "dit", "pixart-alpha-1024-ms": "pixart", "pixart-sigma-1024-ms": "pixart",
           "sana-1600m-1024px": "sana",
-          "sd3-medium": "sd3", "sd3.5-medium": "sd3", "flux.1-dev": "flux", "flux.1-schnell": "flux"}
-DEFAULT_GUIDANCE = {"dit": 4.0, "pixart": 4.5, "sana": 4.5, "sd3": 7.0, "flux.1-dev": 3.5, "flux.1-schnell": 1.0}
+          "sd3-medium": "sd3", "sd3.5-medium": "sd3", "flux.1-dev": "flux", "flux.1-schnell": "flux",
+          "qwen-image": "qwenimage"}
+DEFAULT_GUIDANCE = {"dit": 4.0, "pixart": 4.5, "sana": 4.5, "sd3": 7.0, "flux.1-dev": 3.5, "flux.1-schnell": 1.0,
+                    "qwenimage": 4.0}
 
 
 @pytest.fixture(scope="module")
@@ -136,10 +139,11 @@ def test_sana_hooks_the_residual_stream_and_attention_but_not_its_convolutional_
     assert not any(name.endswith("hook_mlp_out") for name in shapes)  # its FFN sees (D, rows, cols) maps
 
 
-@pytest.mark.parametrize("name", ["pixart-sigma-1024-ms", "sana-1600m-1024px", "sd3.5-medium", "flux.1-dev"])
+@pytest.mark.parametrize("name", ["pixart-sigma-1024-ms", "sana-1600m-1024px", "sd3.5-medium", "flux.1-dev",
+                                  "qwen-image"])
 def test_bfloat16_samples_equal_the_pipeline_loaded_in_bfloat16(name, checkpoints):
     """--dtype bfloat16 runs as the pipeline does with torch_dtype=bfloat16, latents in the dtype the
-    pipeline keeps them in (the weights' for PixArt/SD3/FLUX, float32 for SANA)."""
+    pipeline keeps them in (the weights' for PixArt/SD3/FLUX/Qwen-Image, float32 for SANA)."""
     ckpt = checkpoints[name]
     backbone = load_backbone(ckpt.path, device="cpu", dtype="bfloat16")
     pipe = ckpt.pipeline(torch.bfloat16)
@@ -148,3 +152,45 @@ def test_bfloat16_samples_equal_the_pipeline_loaded_in_bfloat16(name, checkpoint
     assert noise.dtype == (torch.float32 if FAMILY[name] == "sana" else torch.bfloat16)
     ref = ckpt.run(pipe, CONDS, noise, SEEDS, STEPS, None, "latent")
     torch.testing.assert_close(out.latents, ref.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_qwen_image_prompts_padded_with_their_mask_equal_each_prompt_trimmed_and_alone(checkpoints):
+    """tide batches prompts of different lengths (and the negative prompt, under CFG) padded to one length with
+    the padding mask; QwenImagePipeline given one prompt from its text encoder gets it trimmed, with no mask.
+    The transformer masks padded text tokens, so both give the same samples (to float rounding)."""
+    from diffusers import QwenImagePipeline
+
+    ckpt = checkpoints["qwen-image"]
+    backbone = load_backbone(ckpt.path, device="cpu")
+    pipe = ckpt.pipeline()
+    t = ckpt.prompts.tensors
+    lengths = t["prompt_attention_mask"].sum(1).tolist()
+    assert lengths[0] != lengths[1] and t["negative_prompt_attention_mask"].sum() < t["prompt_embeds"].shape[1]
+    out = sample(backbone, CONDS, SEEDS, SamplerConfig(num_steps=STEPS))
+    noise = initial_noise(backbone, SEEDS)
+    _, c, h, w = noise.shape
+    s = pipe.vae_scale_factor
+    neg_len = int(t["negative_prompt_attention_mask"].sum())
+    for row, cond in enumerate(CONDS):
+        ref = pipe(prompt_embeds=t["prompt_embeds"][cond:cond + 1, :lengths[cond]],
+                   negative_prompt_embeds=t["negative_prompt_embeds"][:, :neg_len],
+                   latents=QwenImagePipeline._pack_latents(noise[row:row + 1].clone(), 1, c, h, w),
+                   num_inference_steps=STEPS, height=s * h, width=s * w, output_type="latent").images
+        ref = QwenImagePipeline._unpack_latents(ref, s * h, s * w, s)[:, :, 0]
+        torch.testing.assert_close(out.latents[row:row + 1], ref, atol=1e-5, rtol=1e-5)
+    # without its mask the padding would reach the image: the mask is what makes the two agree
+    unmasked = {k: v for k, v in t.items() if "mask" not in k}
+    plain = sample(load_backbone(ckpt.path, device="cpu", prompts=PromptBank(unmasked, ckpt.prompts.texts)), CONDS,
+                   SEEDS, SamplerConfig(num_steps=STEPS))
+    assert (plain.latents - out.latents).abs().max() > 1e-3
+
+
+def test_qwen_image_refuses_configs_its_pipeline_cannot_run():
+    from tide.models.qwenimage import QwenImageBackbone
+
+    cfg = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+               joint_attention_dim=12, axes_dims_rope=(2, 2, 4))
+    with pytest.raises(TideError, match="guidance_embeds"):
+        QwenImageBackbone.from_config({**cfg, "guidance_embeds": True})
+    with pytest.raises(TideError, match="use_additional_t_cond"):
+        QwenImageBackbone.from_config({**cfg, "use_additional_t_cond": True})

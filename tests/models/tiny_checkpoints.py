@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, DiTTransformer2DModel, DPMSolverMultistepScheduler,
-                       FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, PixArtTransformer2DModel,
-                       SanaTransformer2DModel, SD3Transformer2DModel)
+from diffusers import (AutoencoderKL, AutoencoderKLQwenImage, DDIMScheduler, DiTTransformer2DModel,
+                       DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel,
+                       PixArtTransformer2DModel, QwenImageTransformer2DModel, SanaTransformer2DModel,
+                       SD3Transformer2DModel)
 
 from tide.models import PromptBank
 from tide.models.loading import PROMPTS_FILE, TIDE_META
@@ -264,6 +265,61 @@ def _sana(path: Path) -> Checkpoint:
     return Checkpoint("sana-1600m-1024px", path, SanaPipeline, run, bank)
 
 
+def _qwenimage(path: Path) -> Checkpoint:
+    from diffusers import QwenImagePipeline
+
+    torch.manual_seed(0)
+    # Qwen/Qwen-Image: packed 2x2 latents (in_channels = 4 x latent channels), RMS qk-norm, 3-axis rotary
+    # embedding (sum(axes_dims_rope) == attention_head_dim), no guidance embedding
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                              attention_head_dim=8, num_attention_heads=2,
+                                              joint_attention_dim=TEXT_DIM, axes_dims_rope=(2, 2, 4))
+    torch.manual_seed(1)
+    # a one-frame video VAE as Qwen-Image's (2x here: one spatial downsampling), non-trivial latents_mean/std
+    autoencoder = AutoencoderKLQwenImage(base_dim=4, z_dim=4, dim_mult=[1, 1], num_res_blocks=1,
+                                         temperal_downsample=[False], latents_mean=[0.1, -0.2, 0.3, 0.0],
+                                         latents_std=[1.5, 0.5, 2.0, 1.0])
+    # Qwen/Qwen-Image's scheduler config: dynamic (exponential) shifting up to 8192 tokens, terminal sigma 0.02
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+                                                max_image_seq_len=8192, shift_terminal=0.02,
+                                                time_shift_type="exponential", invert_sigmas=False,
+                                                stochastic_sampling=False)
+    QwenImagePipeline(scheduler=scheduler, vae=autoencoder, text_encoder=None, tokenizer=None,
+                      transformer=transformer).save_pretrained(path)
+    # as QwenImagePipeline.encode_prompt returns them: each prompt's hidden states zero-padded to the longest,
+    # with the padding mask; prompt 0 has 4 tokens, prompt 1 all 6, the negative prompt 3
+    g = torch.Generator().manual_seed(7)
+    embeds = torch.randn(NUM_PROMPTS, TEXT_LEN, TEXT_DIM, generator=g)
+    negative = torch.randn(1, TEXT_LEN, TEXT_DIM, generator=g)
+    mask = torch.ones(NUM_PROMPTS, TEXT_LEN, dtype=torch.int64)
+    mask[0, 4:] = 0
+    negative_mask = torch.ones(1, TEXT_LEN, dtype=torch.int64)
+    negative_mask[0, 3:] = 0
+    bank = PromptBank({"prompt_embeds": embeds * mask[..., None], "prompt_attention_mask": mask,
+                       "negative_prompt_embeds": negative * negative_mask[..., None],
+                       "negative_prompt_attention_mask": negative_mask}, texts=["a red boat", "a cat on a wall"])
+
+    def run(pipe, conds, noise, seeds, steps, guidance, output_type):
+        b, c, h, w = noise.shape
+        kw = {k.replace("attention_mask", "embeds_mask"): v
+              for k, v in _text_call(pipe, bank, conds, False, True).items()}
+        if guidance == 1.0:  # no true CFG: the prompt rows alone
+            kw = {k: v for k, v in kw.items() if not k.startswith("negative")}
+        elif guidance is not None:
+            kw["true_cfg_scale"] = guidance  # None: the pipeline's default true_cfg_scale
+        # the pipeline draws (B, 1, C, H, W) noise and packs it: give it tide's noise, packed
+        packed = QwenImagePipeline._pack_latents(noise.clone(), b, c, h, w)
+        s = pipe.vae_scale_factor
+        out = pipe(**kw, latents=packed, num_inference_steps=steps, height=s * h, width=s * w,
+                   output_type=output_type).images
+        if output_type == "latent":
+            return QwenImagePipeline._unpack_latents(out, s * h, s * w, s)[:, :, 0]
+        return _np(out)
+
+    return Checkpoint("qwen-image", path, QwenImagePipeline, run, bank, extra={"meta": {"latent_size": 8}})
+
+
 BUILDERS = {
     "dit-xl-2-256": _dit,
     "pixart-alpha-1024-ms": lambda p: _pixart(p, sigma=False),
@@ -273,6 +329,7 @@ BUILDERS = {
     "sd3.5-medium": lambda p: _sd3(p, v35=True),
     "flux.1-dev": lambda p: _flux(p, dev=True),
     "flux.1-schnell": lambda p: _flux(p, dev=False),
+    "qwen-image": _qwenimage,
 }
 """Checkpoint name -> builder(path) -> Checkpoint."""
 

@@ -9,12 +9,14 @@ from tide.models.base import Backbone
 from tide.models.dit import DiTBackbone
 from tide.models.flux import FluxBackbone
 from tide.models.pixart import PixArtBackbone
+from tide.models.qwenimage import QwenImageBackbone
 from tide.models.sana import SanaBackbone
 from tide.models.sd3 import SD3Backbone
 from tide.models.wan import WanBackbone
 
 FAMILIES: dict[str, type[Backbone]] = {
-    cls.family: cls for cls in (DiTBackbone, PixArtBackbone, SanaBackbone, SD3Backbone, FluxBackbone, WanBackbone)}
+    cls.family: cls for cls in (DiTBackbone, PixArtBackbone, SanaBackbone, SD3Backbone, FluxBackbone, WanBackbone,
+                                QwenImageBackbone)}
 """Backbone adapters by family name."""
 
 
