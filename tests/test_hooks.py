@@ -95,3 +95,13 @@ def test_hooks_read_timestep_step_and_cfg_branch_from_the_sampler_context(tiny_d
         assert ids == [0, 1, 0, 1]
         assert conds == [3, 1, -1, -1]
     assert current_step() is None
+
+
+def test_hook_names_parse_into_block_and_point_and_malformed_ones_name_the_form():
+    from tide.hooks import HookName, is_text_hook
+
+    assert HookName.parse("blocks.12.hook_img_resid_post") == HookName(12, "hook_img_resid_post")
+    assert is_text_hook("blocks.0.hook_txt_resid_pre") and not is_text_hook("blocks.0.hook_resid_pre")
+    for bad in ("blocks.x.hook_resid_post", "block.1.hook_resid_post", "blocks.1", "blocks.1.resid"):
+        with pytest.raises(TideError, match="not of the form blocks.<index>.hook_<point>"):
+            HookName.parse(bad)

@@ -84,6 +84,36 @@ def step_context(ctx: StepContext) -> Iterator[StepContext]:
         _CURRENT_STEP.reset(token)
 
 
+# ------------------------------------------------------------------------------------ hook names
+@dataclass(frozen=True)
+class HookName:
+    """A parsed hook name ``blocks.{block}.{point}``, e.g. ``blocks.4.hook_img_resid_post``."""
+
+    block: int
+    """Block index in tide's numbering."""
+    point: str
+    """The hook point within the block, e.g. ``hook_resid_post``."""
+
+    @property
+    def text_stream(self) -> bool:
+        """True for the text stream of a two-stream block (its rows are prompt tokens, not image tokens)."""
+        return self.point.startswith("hook_txt_")
+
+    @classmethod
+    def parse(cls, name: str) -> "HookName":
+        """Parse ``blocks.{i}.hook_...``; a malformed name is a TideError naming the expected form."""
+        parts = name.split(".", 2)
+        if len(parts) != 3 or parts[0] != "blocks" or not parts[1].isdigit() or not parts[2].startswith("hook_"):
+            raise TideError(f"hook name {name!r} is not of the form blocks.<index>.hook_<point> "
+                            "(`tide hooks --backbone ...` lists the valid names)")
+        return cls(int(parts[1]), parts[2])
+
+
+def is_text_hook(name: str) -> bool:
+    """Whether ``name`` hooks the text stream of a two-stream (MMDiT) block."""
+    return HookName.parse(name).text_stream
+
+
 # ------------------------------------------------------------------------------------ hooked model
 def _submodule(block: nn.Module, name: str | None) -> nn.Module | None:
     """The block's child module ``name`` (its ``BlockSpec.attn_name`` / ``mlp_name``), or None."""
@@ -213,8 +243,8 @@ class HookedBackbone(HookedRootModule):
         n = len(self.block_specs)
         suffixes: dict[str, list[int]] = {}
         for name in self.hook_dict:
-            _, i, suffix = name.split(".", 2)
-            suffixes.setdefault(suffix, []).append(int(i))
+            parsed = HookName.parse(name)
+            suffixes.setdefault(parsed.point, []).append(parsed.block)
         parts = []
         for suffix, idx in suffixes.items():
             span = f"{{0..{n - 1}}}" if idx == list(range(n)) else "{" + ",".join(map(str, idx)) + "}"

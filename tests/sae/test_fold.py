@@ -29,6 +29,8 @@ def test_temporal_sae_gives_same_results_after_folding_at_fixed_t(sparsity, cond
     assert want.latents.l0().float().mean() > 0
     torch.testing.assert_close(got.latents.dense(sae.cfg.d_sae), want.latents.dense(sae.cfg.d_sae), rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(got.x_hat_BD, want.x_hat_BD, rtol=1e-9, atol=1e-9)
+    ids = torch.tensor([3, 0, 7])
+    torch.testing.assert_close(sae.fold_decoder(T, ids), folded.W_dec[0][ids], rtol=0, atol=0)
 
 
 def test_fold_is_not_trivial_when_modulation_and_normalisation_are_random():

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from tide.errors import TideError
 from tide.eval.frechet import frechet_distance
 from tide.eval.metrics import check_sae_hook
-from tide.hooks import BRANCH_NAMES, HookedBackbone, current_step
+from tide.hooks import BRANCH_NAMES, HookedBackbone, current_step, is_text_hook
 from tide.models.base import Backbone
 from tide.sampling import Intervention, SampleOutput, SamplerConfig, Trajectory, sample
 
@@ -37,7 +37,7 @@ def check_splice(sae, hooked: HookedBackbone, hook: str) -> None:
     """Refuse an unknown hook, an SAE trained on another hook, and an SAE of another width."""
     hooked.check_hook_names([hook])
     check_sae_hook(sae, hook)
-    if ".hook_txt_" not in hook:  # every image-stream hook carries d_model channels
+    if not is_text_hook(hook):  # every image-stream hook carries d_model channels
         width = hooked.backbone.d_model
         if sae.cfg.d_in != width:
             raise TideError(f"hook {hook!r} of backbone {hooked.backbone.name!r} has width {width} but the SAE "

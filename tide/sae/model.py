@@ -231,11 +231,10 @@ class SAE(nn.Module):
 
     # ------------------------------------------------------------------ folding
     @torch.no_grad()
-    def fold(self, t: float) -> "SAE":
-        """The model at timestep ``t`` as an exactly equivalent plain SAE on raw activations."""
+    def _affine_at(self, t: float):
+        """(bucket, mu_D, sigma, s_D, h_D): everything timestep-dependent, at one timestep."""
         cfg = self.cfg
-        device = self.W_enc.device
-        t_B = torch.tensor([float(t)], device=device)
+        t_B = torch.tensor([float(t)], device=self.W_enc.device)
         b = int(bucket_index(t_B, cfg.num_buckets, cfg.t_max)) if cfg.conditioning == "bucket" else 0
         mu_BD, sigma_B1 = self._norm(t_B)
         mu, sigma = mu_BD[0], sigma_B1[0, 0]
@@ -243,6 +242,21 @@ class SAE(nn.Module):
             s, h = (v[0] for v in self.modulation(t_B))
         else:
             s, h = torch.zeros_like(mu), torch.zeros_like(mu)
+        return b, mu, sigma, s, h
+
+    @torch.no_grad()
+    def fold_decoder(self, t: float, features: torch.Tensor) -> torch.Tensor:
+        """(K, D) decoder rows of ``features`` of the SAE folded at timestep ``t`` — what ``fold(t).W_dec[0][features]``
+        gives, computed from those K rows alone."""
+        b, _, sigma, s, _ = self._affine_at(t)
+        return self.W_dec[b][features] * (sigma / (1 + s))
+
+    @torch.no_grad()
+    def fold(self, t: float) -> "SAE":
+        """The model at timestep ``t`` as an exactly equivalent plain SAE on raw activations."""
+        cfg = self.cfg
+        device = self.W_enc.device
+        b, mu, sigma, s, h = self._affine_at(t)
         a = (1 + s) / sigma                       # encoder input scale per dimension
         w_enc = self.W_enc[b] * a                  # (F, D)
         w_dec = self.W_dec[b] * (sigma / (1 + s))  # (F, D)
