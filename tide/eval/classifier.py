@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from tide.device import eval_mode
 from tide.errors import TideError
 
 CONFIG_FILE = "config.json"
@@ -81,25 +82,17 @@ class EvalClassifier(nn.Module):
     @torch.no_grad()
     def predict(self, images_BCHW: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
         """Predicted class ids (B,) on the CPU, computed in eval mode in batches."""
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             out = [self(images_BCHW[i:i + batch_size]).argmax(dim=1).cpu()
                    for i in range(0, images_BCHW.shape[0], batch_size)]
-        finally:
-            self.train(was_training)
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
     @torch.no_grad()
     def embed(self, images_BCHW: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
         """:meth:`features` in eval mode, in batches, on the CPU."""
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             out = [self.features(images_BCHW[i:i + batch_size]).cpu()
                    for i in range(0, images_BCHW.shape[0], batch_size)]
-        finally:
-            self.train(was_training)
         return torch.cat(out) if out else torch.zeros(0, self.config["feature_dim"])
 
     # ----------------------------------------------------------------------------- io

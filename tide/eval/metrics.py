@@ -56,12 +56,6 @@ def check_sae_hook(sae, hook: str) -> None:
                         f"evaluate it at {trained!r}, or load an SAE trained on {hook!r}")
 
 
-def check_sae_width(sae, hook: str, width: int) -> None:
-    if sae.cfg.d_in != width:
-        raise TideError(f"hook {hook!r} has activations of width {width} but the SAE was built for "
-                        f"d_in={sae.cfg.d_in}: load an SAE trained on this hook of this backbone")
-
-
 def _nan_to_none(v):
     if isinstance(v, float) and not np.isfinite(v):
         return None
@@ -251,7 +245,7 @@ def reconstruction_metrics(sae, data, hook: str | None = None, buckets: Sequence
     edges = check_buckets(buckets if buckets is not None else default_buckets(getattr(sae.cfg, "t_max", 1000.0)))
     hook, width, loader, rows = _batches(data, hook, batch_size, seed, sae, max_rows is not None)
     check_sae_hook(sae, hook)
-    check_sae_width(sae, hook, width)
+    sae.check_width(width, f"hook {hook!r}")
     if max_rows is None and isinstance(data, ActivationLoader) and loader.config.epochs is None:
         raise TideError("the loader is endless (epochs=None): give max_rows, or a loader with epochs=1")
 

@@ -17,13 +17,13 @@ the SAE on every (row, token) of the hook's (B, T, D) activation.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from tide.device import eval_mode
 from tide.errors import TideError
 from tide.eval.frechet import frechet_distance
 from tide.eval.metrics import check_sae_hook
@@ -38,28 +38,7 @@ def check_splice(sae, hooked: HookedBackbone, hook: str) -> None:
     hooked.check_hook_names([hook])
     check_sae_hook(sae, hook)
     if not is_text_hook(hook):  # every image-stream hook carries d_model channels
-        width = hooked.backbone.d_model
-        if sae.cfg.d_in != width:
-            raise TideError(f"hook {hook!r} of backbone {hooked.backbone.name!r} has width {width} but the SAE "
-                            f"was built for d_in={sae.cfg.d_in}: load an SAE trained on this hook of this backbone")
-
-
-@contextlib.contextmanager
-def eval_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """``module`` in eval mode for the block, its previous mode restored afterwards."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was_training)
-
-
-def _rows(act: torch.Tensor, hook_name: str, width: int) -> torch.Tensor:
-    if act.shape[-1] != width:
-        raise TideError(f"hook {hook_name!r} carries activations of width {act.shape[-1]} but the SAE was built "
-                        f"for d_in={width}: load an SAE trained on this hook of this backbone")
-    return act.reshape(-1, act.shape[-1])
+        sae.check_width(hooked.backbone.d_model, f"hook {hook!r} of backbone {hooked.backbone.name!r}")
 
 
 def splice_fn(sae, hook_name: str = "?"):
@@ -75,7 +54,8 @@ def splice_fn(sae, hook_name: str = "?"):
         if ctx is None:
             raise TideError("the SAE splice reads the timestep from the sampler's step context: run it inside "
                             "tide.sampling.sample (or within tide.hooks.step_context)")
-        x_ND = _rows(act, hook_name, sae.cfg.d_in).to(param.device, param.dtype)
+        sae.check_width(act.shape[-1], f"hook {hook_name!r}")
+        x_ND = act.reshape(-1, act.shape[-1]).to(param.device, param.dtype)
         t_N = torch.full((x_ND.shape[0],), float(ctx.timestep), device=param.device)
         with torch.no_grad():
             x_hat = sae.reconstruct(x_ND, t_N)

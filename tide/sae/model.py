@@ -126,10 +126,15 @@ class SAE(nn.Module):
         return self.norm_mean_TD[row], self.norm_scale_T[row][:, None]
 
     # ------------------------------------------------------------------ forward
+    def check_width(self, width: int, where: str | None = None) -> None:
+        """Refuse activations of another width than the SAE's ``d_in``, naming where they came from."""
+        if width != self.cfg.d_in:
+            where = where or f"the input (hook {self.cfg.hook or '?'})"
+            raise TideError(f"{where} has activations of width {width} but the SAE was built for d_in={self.cfg.d_in}: "
+                            "load an SAE trained on this hook of this backbone")
+
     def forward(self, x_BD: torch.Tensor, t_B: torch.Tensor) -> ForwardOutput:
-        if x_BD.shape[-1] != self.cfg.d_in:
-            raise TideError(f"activations have width {x_BD.shape[-1]} but the SAE was built for d_in={self.cfg.d_in} "
-                            f"(hook {self.cfg.hook or '?'}): train or load an SAE for this hook")
+        self.check_width(x_BD.shape[-1])
         t_B = t_B.to(x_BD.device)
         identity = self.cfg.normalization == "none"  # skip two passes over the batch
         mu_BD, sigma_B1 = self._norm(t_B)
