@@ -121,7 +121,7 @@ def main() -> None:
                             samples_per_shard=50, device=args.device)
         cfg.resume = (work / f"acts-{split}" / "manifest.json").exists()
         t0 = time.perf_counter()
-        sets[split] = capture(cfg, backbone, progress=False)
+        sets[split] = capture(cfg, backbone, progress=False).manifest
         timings[f"capture_{split}_s"] = time.perf_counter() - t0
         print(f"captured {split}: {sets[split]['total_rows']} rows in {timings[f'capture_{split}_s']:.0f} s", flush=True)
 
@@ -178,9 +178,8 @@ def main() -> None:
               "hook": HOOK, "condition_names": names, "timesteps": [float(t) for t in timesteps],
               "recorded_steps": sets["eval"]["schedule"]["recorded_steps"],
               "datasets": {k: {"rows": v["total_rows"], "samples": v["num_samples"]} for k, v in sets.items()},
-              "train": {"steps": summary["steps"], "seconds": summary.get("seconds"),
-                        "vectors_per_s_all_saes": summary["vectors_per_s"],
-                        "final": {k: v for k, v in summary.items() if k not in ("steps", "seconds", "vectors_per_s")}},
+              "train": {"steps": summary.steps, "seconds": summary.seconds,
+                        "vectors_per_s_all_saes": summary.vectors_per_s, "final": summary.final},
               "protocol": {
                   "image_level": "max over the 49 tokens at one recorded step",
                   "auroc": "one-vs-rest over samples, mid-rank (ties count one half)",

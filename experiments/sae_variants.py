@@ -72,7 +72,7 @@ def main() -> None:
                             num_steps=args.num_steps, seed=seed, samples_per_shard=20, device=args.device)
         cfg.resume = (work / f"acts-{split}" / "manifest.json").exists()
         t0 = time.perf_counter()
-        sets[split] = capture(cfg, backbone)
+        sets[split] = capture(cfg, backbone).manifest
         timings[f"capture_{split}_s"] = time.perf_counter() - t0
 
     specs = [SAESpec(name=f"{name}-b{hook.split('.')[1]}", hook=hook, d_sae=args.d_sae, k=args.k, sparsity="topk", **kw)
@@ -99,7 +99,7 @@ def main() -> None:
                           "device": torch.cuda.get_device_name(0) if backbone.device.type == "cuda" else "cpu",
                           "threads": torch.get_num_threads()},
               "datasets": {k: {"rows": v["total_rows"], "samples": v["num_samples"]} for k, v in sets.items()},
-              "train": {"steps": summary["steps"], "vectors_per_s_all_saes": summary["vectors_per_s"]},
+              "train": {"steps": summary.steps, "vectors_per_s_all_saes": summary.vectors_per_s},
               "timings_s": timings, "total_s": time.perf_counter() - started, "rows": rows}
     out = Path(args.results)
     out.parent.mkdir(parents=True, exist_ok=True)

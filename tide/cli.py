@@ -26,7 +26,7 @@ class Command:
 
 
 def _hooks(config: BackboneConfig) -> int:
-    from tide.hooks import HookedBackbone
+    from tide.hooks import HookedBackbone, HookName
 
     backbone = config.load_backbone()
     hooked = HookedBackbone.of(backbone)
@@ -37,7 +37,7 @@ def _hooks(config: BackboneConfig) -> int:
           f"{': frames x rows x cols, token = (frame * rows + row) * cols + col' if backbone.is_video else ''})")
     width = max(map(len, hooked.hook_names))
     for name in hooked.hook_names:
-        spec = hooked.block_specs[int(name.split(".")[1])]
+        spec = hooked.block_specs[HookName.parse(name).block]
         print(f"{name:<{width}}  {str(tuple(shapes[name])):<14}  {spec.kind}")
     return 0
 
@@ -56,11 +56,10 @@ def _sample(config) -> int:
 def _capture(config) -> int:
     from tide.capture import capture
 
-    manifest = capture(config)
+    result = capture(config)
     rank = int(__import__("os").environ.get("RANK", "0"))
     if rank == 0:
-        print(f"captured {manifest['total_rows']:,} rows in {len(manifest['shards'])} shards -> {config.out} "
-              f"(complete: {manifest['complete']})")
+        print(f"captured {result.rows:,} rows in {result.shards} shards -> {result.path} (complete: {result.complete})")
     return 0
 
 
@@ -94,10 +93,10 @@ def _data(action: str):
 def _train(config) -> int:
     from tide.train import train
 
-    summary = train(config)
+    result = train(config)
     if int(__import__("os").environ.get("RANK", "0")) == 0:
-        print(f"trained {', '.join(summary['saes'])} for {summary['steps']} steps "
-              f"({summary['vectors_per_s']:,.0f} vectors/s) -> {config.out}")
+        print(f"trained {', '.join(result.saes)} for {result.steps} steps "
+              f"({result.vectors_per_s:,.0f} vectors/s) -> {config.out}")
     return 0
 
 
@@ -114,25 +113,27 @@ def _eval(config) -> int:
 
 
 def _stats(config) -> int:
-    path = config.run()
-    print(f"feature statistics -> {path}")
+    result = config.run()
+    print(f"feature statistics -> {result.path} ({result.alive_features} of {result.num_features} features fire "
+          f"on {result.rows:,} rows)")
     return 0
 
 
 def _dashboard(config) -> int:
     from tide.analysis.dashboard import export_dashboard
 
-    index = export_dashboard(config)
-    print(f"dashboard -> {index} (open it in a browser; no server needed)")
+    result = export_dashboard(config)
+    print(f"dashboard of {result.num_features} features, {result.num_images} images -> {result.index_path} "
+          "(open it in a browser; no server needed)")
     return 0
 
 
 def _steer(config) -> int:
-    summary = config.run()
-    line = f"wrote {summary['grid']} (mean pixel change {summary['pixel_change']:.3f})"
-    if "target_rate_after" in summary:
-        line += (f"; classified as {summary['target_class']}: {summary['target_rate_before']:.0%} before, "
-                 f"{summary['target_rate_after']:.0%} after")
+    result = config.run()
+    line = f"wrote {result.grid_path} (mean pixel change {result.pixel_change:.3f})"
+    if result.target_class is not None:
+        line += (f"; classified as {result.target_class}: {result.target_rate_before:.0%} before, "
+                 f"{result.target_rate_after:.0%} after")
     print(line)
     return 0
 

@@ -107,7 +107,7 @@ def run_demo(config: DemoConfig) -> dict:
                         hooks=config.capture_hooks, num_samples=config.capture_samples, num_steps=config.num_steps,
                         seed=config.seed, overwrite=True)
     start = time.perf_counter()
-    manifest = capture(cap, backbone)
+    manifest = capture(cap, backbone).manifest
     seconds = time.perf_counter() - start
     store = ActivationStore(cap.out)
     store.verify().raise_if_bad()
@@ -129,8 +129,8 @@ def run_demo(config: DemoConfig) -> dict:
                       warmup_steps=min(50, config.train_steps // 5), checkpoint_every=0, overwrite=True,
                       device=config.device, seed=config.seed)
     trained = train(run)
-    summary["train"] = {"steps": trained["steps"], "seconds": round(trained["seconds"], 1), "final": trained["final"]}
-    print(f"[demo] trained {', '.join(trained['saes'])} for {trained['steps']} steps in {trained['seconds']:.0f} s "
+    summary["train"] = {"steps": trained.steps, "seconds": round(trained.seconds, 1), "final": trained.final}
+    print(f"[demo] trained {', '.join(trained.saes)} for {trained.steps} steps in {trained.seconds:.0f} s "
           f"-> {run.out}")
     summary["eval"] = {}
     for spec in specs:
@@ -158,11 +158,11 @@ def run_demo(config: DemoConfig) -> dict:
     artefacts["feature_stats"] = str(stats_path)
     print(f"[demo] feature statistics of {alive} firing features over {stats.rows:,} rows in {seconds:.1f} s "
           f"-> {stats_path}")
-    index = export_dashboard(DashboardConfig(stats=str(stats_path), out=str(out / "dashboard"),
-                                             max_features=config.dashboard_features, images_per_feature=3,
-                                             device=config.device, progress=False), backbone=backbone)
-    artefacts["dashboard"] = str(index)
-    print(f"[demo] dashboard -> open {index}")
+    dashboard = export_dashboard(DashboardConfig(stats=str(stats_path), out=str(out / "dashboard"),
+                                                 max_features=config.dashboard_features, images_per_feature=3,
+                                                 device=config.device, progress=False), backbone=backbone)
+    artefacts["dashboard"] = str(dashboard.index_path)
+    print(f"[demo] dashboard of {dashboard.num_features} features -> open {dashboard.index_path}")
 
     # 7. steering: add the features most selective for one class while generating another
     import numpy as np

@@ -54,7 +54,7 @@ def grid_scale(height: int, width: int) -> int:
 
 def save_grid(images_BCHW: torch.Tensor, path: str | Path, nrow: int,
               row_labels: Sequence[str] | None = None, title: str | None = None, scale: int | None = None) -> Path:
-    """Write a PNG grid; with ``row_labels`` (one per row) or a title it is drawn with matplotlib.
+    """Write a PNG grid; with ``row_labels`` (one per row) or a title it is drawn as a figure (:mod:`tide.plots`).
 
     ``scale`` (nearest-neighbour upscaling) defaults to :func:`grid_scale` of the image size. Videos
     (B, C, F, H, W) are drawn as film strips (:func:`film_strip`).
@@ -71,13 +71,10 @@ def save_grid(images_BCHW: torch.Tensor, path: str | Path, nrow: int,
 
         Image.fromarray(grid).save(path)
         return path
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from tide.plots import new_figure, save_figure
 
     h, w = grid.shape[:2]
-    fig, ax = plt.subplots(figsize=(w / 100 + (1.6 if row_labels else 0.2), h / 100 + (0.5 if title else 0.2)), dpi=100)
+    fig, ax = new_figure((w / 100 + (1.6 if row_labels else 0.2), h / 100 + (0.5 if title else 0.2)), dpi=100)
     ax.imshow(grid, interpolation="nearest")
     ax.set_xticks([])
     if row_labels:
@@ -90,7 +87,4 @@ def save_grid(images_BCHW: torch.Tensor, path: str | Path, nrow: int,
         side.set_visible(False)
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -36,14 +36,16 @@ def fsync_dir(path: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, unique: bool = False) -> Iterator[Path]:
     """A temporary path to write ``path`` through (with any library: h5py, safetensors, ...).
 
     On a clean exit the file is fsynced and renamed over ``path`` and the directory fsynced; on an
-    exception the temporary file is removed and ``path`` is left as it was.
+    exception the temporary file is removed and ``path`` is left as it was. ``unique`` puts the
+    process id in the temporary name (``name.PID.tmp``), for a file several processes may write at
+    once (e.g. a cache): each writes its own temporary file and the last rename wins.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}" if unique else path.name + TMP_SUFFIX)
     try:
         yield tmp
         fsync_file(tmp)

@@ -61,7 +61,7 @@ def bench_capture(backbone_name: str, num_samples: int, num_steps: int, repeats:
         t0 = time.perf_counter()
         manifest = capture(CaptureConfig(backbone=backbone_name, out=str(out), hooks=[hook], num_samples=num_samples,
                                          num_steps=num_steps, samples_per_shard=16, overwrite=True),
-                           backbone, progress=False)
+                           backbone, progress=False).manifest
         captured.append(time.perf_counter() - t0)
         rows = manifest["total_rows"]
         nbytes = sum(s["bytes"] for s in manifest["shards"])

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from tide.analysis import compute_feature_stats, save_feature_stats
-from tide.analysis.dashboard import (DashboardConfig, capture_sample, export_dashboard, json_for_html, regenerate,
-                                     top_occurrences)
+from tide.analysis.dashboard import DashboardConfig, export_dashboard
+from tide.analysis.dashboard_html import json_for_html
+from tide.analysis.regenerate import capture_sample, regenerate, top_occurrences
 from tide.analysis.labels import auto_label, load_labels
 from tide.capture.run import CaptureConfig, capture
 from tide.data import ActivationStore
@@ -55,10 +56,14 @@ def test_dashboard_pages_json_escaping_and_regeneration(analysed, tmp_path):
     labels = tmp_path / "labels.json"
     labels.write_text(json.dumps({str(features[0]): XSS}))
     out = tmp_path / "dash"
-    index = export_dashboard(DashboardConfig(stats=str(analysed.stats_path), out=str(out), features=features,
-                                             images_per_feature=2, labels=str(labels), device="cpu", progress=False))
+    result = export_dashboard(DashboardConfig(stats=str(analysed.stats_path), out=str(out), features=features,
+                                              images_per_feature=2, labels=str(labels), device="cpu", progress=False))
+    index = result.index_path
     assert index == out / "index.html"
     pages = {f: out / "features" / f"f{f}.html" for f in features}
+    assert result.pages == tuple(pages.values()) and result.json_path == out / "dashboard.json"
+    assert result.features == tuple(features) and result.num_features == 3 and result.num_images == 6
+    assert result.sae_features == stats.num_features
     assert all(p.is_file() for p in pages.values())
 
     # links both ways; nothing external; the hostile label escaped everywhere

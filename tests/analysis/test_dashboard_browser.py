@@ -43,7 +43,7 @@ def site(tmp_path_factory):
     (root / "labels.json").write_text(json.dumps({str(features[0]): XSS}))
     index = export_dashboard(DashboardConfig(stats=str(stats_path), out=str(root / "dash"), features=features,
                                              images_per_feature=1, labels=str(root / "labels.json"), device="cpu",
-                                             progress=False))
+                                             progress=False)).index_path
     return SimpleNamespace(index=index, features=features)
 
 

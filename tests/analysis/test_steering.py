@@ -180,3 +180,21 @@ def test_steer_command_writes_a_grid_and_names_bad_input(tiny_dit_dir, tmp_path,
     assert main(args + ["--features", "3", "--from-step", "6"]) == 2
     err = capsys.readouterr().err
     assert "0..31" in err and "unknown mask region 'middle'" in err and "outside the 4-step schedule" in err
+
+
+def test_steer_run_returns_a_result_whose_dict_is_the_json_summary(tiny_dit_dir, tmp_path):
+    import json
+
+    from tide.analysis.steering import SteerConfig, SteerResult
+    from tide.sae import SAE, SAEConfig, save_sae
+
+    torch.manual_seed(0)
+    save_sae(SAE(SAEConfig(d_in=16, d_sae=32, k=4, normalization="none", hook="blocks.1.hook_resid_post")),
+             tmp_path / "sae")
+    result = SteerConfig(sae=str(tmp_path / "sae"), backbone=str(tiny_dit_dir), features=[3], alpha=2.0, classes=[0],
+                         n=2, num_steps=3, device="cpu", out=str(tmp_path / "steer.png")).run()
+    assert isinstance(result, SteerResult) and result.grid_path == tmp_path / "steer.png" and result.grid_path.exists()
+    assert result.json_path == tmp_path / "steer.json"
+    assert json.loads(result.json_path.read_text()) == json.loads(json.dumps(result.to_dict()))
+    assert set(result.to_dict()) == {"config", "grid", "pixel_change"} and result.target_class is None
+    assert result.pixel_change == pytest.approx(float((result.after.images - result.before.images).abs().mean()))

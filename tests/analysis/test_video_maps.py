@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from tide.analysis import compute_feature_stats, save_feature_stats
-from tide.analysis.dashboard import DashboardConfig, export_dashboard, video_frames
+from tide.analysis.dashboard import DashboardConfig, export_dashboard
+from tide.analysis.feature_plots import video_frames
 from tide.capture.run import CaptureConfig, capture
 from tide.data import ActivationStore, token_coords
 from tide.sae import SAE, SAEConfig, save_sae

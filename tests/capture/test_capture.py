@@ -22,7 +22,7 @@ def _read(path):
 def test_rows_match_the_activations_the_hooks_see(tiny_dit, tmp_path):
     cfg = CaptureConfig(out=str(tmp_path / "ds"), hooks=HOOKS, num_samples=5, samples_per_shard=2, num_steps=4,
                         guidance_scale=2.0, cfg_branch="both", storage_dtype="float32", classes=[3, 1])
-    manifest = capture(cfg, tiny_dit, progress=False)
+    manifest = capture(cfg, tiny_dit, progress=False).manifest
     assert manifest["complete"] and manifest["num_shards"] == 3 and len(manifest["shards"]) == 3
     assert manifest["total_rows"] == 5 * 4 * 2 * 16
     meta, acts, attrs = _read(tmp_path / "ds" / "shard-000001.h5")  # samples 2 and 3
@@ -53,7 +53,7 @@ def test_rows_match_the_activations_the_hooks_see(tiny_dit, tmp_path):
 def test_token_subsampling_steps_and_branch_selection(tiny_dit, tmp_path):
     cfg = CaptureConfig(out=str(tmp_path / "ds"), hooks=HOOKS[:1], num_samples=3, samples_per_shard=3, num_steps=6,
                         record_steps="every:2", token_fraction=0.25, guidance_scale=3.0, cfg_branch="uncond")
-    manifest = capture(cfg, tiny_dit, progress=False)
+    manifest = capture(cfg, tiny_dit, progress=False).manifest
     meta, acts, _ = _read(tmp_path / "ds" / "shard-000000.h5")
     assert manifest["tokens_kept"] == 4 and manifest["schedule"]["recorded_steps"] == [0, 2, 4]
     assert len(meta["token"]) == 3 * 3 * 4
@@ -65,7 +65,7 @@ def test_token_subsampling_steps_and_branch_selection(tiny_dit, tmp_path):
             assert len(tok) == 4 == len(set(tok))
             picks[sid, step] = tuple(tok)
     assert len(set(picks.values())) > 1  # a fresh random choice per (sample, step)
-    again = capture(CaptureConfig(**{**cfg.__dict__, "out": str(tmp_path / "ds2")}), tiny_dit, progress=False)
+    again = capture(CaptureConfig(**{**cfg.__dict__, "out": str(tmp_path / "ds2")}), tiny_dit, progress=False).manifest
     assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in manifest["shards"]]
 
 
@@ -82,7 +82,7 @@ def test_float16_overflow_falls_back_to_float32_or_refuses(tiny_dit, tmp_path):
     with torch.no_grad():
         tiny_dit.transformer.pos_embed.proj.weight.mul_(1e6)  # residual stream far beyond float16's range
     hook = ["blocks.0.hook_resid_pre"]
-    manifest = capture(CaptureConfig(out=str(tmp_path / "a"), hooks=hook, num_samples=2, num_steps=2), tiny_dit, progress=False)
+    manifest = capture(CaptureConfig(out=str(tmp_path / "a"), hooks=hook, num_samples=2, num_steps=2), tiny_dit, progress=False).manifest
     _, acts, attrs = _read(tmp_path / "a" / "shard-000000.h5")
     assert attrs["dtype/blocks.0.hook_resid_pre"] == "float32" and acts[hook[0]].dtype == np.float32
     assert np.isfinite(acts[hook[0]]).all() and np.abs(acts[hook[0]]).max() > 65504
@@ -103,8 +103,8 @@ def test_output_directory_is_protected_and_resume_checks_the_config(tiny_dit, tm
     with pytest.raises(TideError, match=r"different config \(num_steps: captured with 2, now 3\)"):
         capture(CaptureConfig(**{**base, "num_steps": 3}, resume=True), tiny_dit, progress=False)
     # resuming a complete dataset is a no-op; --overwrite replaces it
-    assert capture(CaptureConfig(**base, resume=True), tiny_dit, progress=False)["complete"]
-    assert capture(CaptureConfig(**{**base, "num_samples": 4}, overwrite=True), tiny_dit, progress=False)["total_rows"] == 4 * 2 * 16
+    assert capture(CaptureConfig(**base, resume=True), tiny_dit, progress=False).complete
+    assert capture(CaptureConfig(**{**base, "num_samples": 4}, overwrite=True), tiny_dit, progress=False).rows == 4 * 2 * 16
     other = tmp_path / "notes"
     other.mkdir()
     (other / "thesis.txt").write_text("precious")

@@ -1,3 +1,4 @@
+import itertools
 import json
 import os
 import signal
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 from tide.capture import CaptureConfig, capture
 from tide.errors import TideError
 from tide.sae import load_sae
-from tide.train import SAESpec, TrainConfig, train
+from tide.train import SAESpec, TrainConfig, Trainer, TrainResult, train
 import tide.train.trainer as trainer_module
 
 HOOKS = ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
@@ -40,9 +41,9 @@ def _cfg(dataset, out, **kw):
 
 def test_several_saes_train_from_one_pass_and_improve(dataset, tmp_path):
     summary = train(_cfg(dataset, tmp_path / "run", steps=60, log_every=5, checkpoint_every=20))
-    first, last = summary["config"], summary["final"]
+    first, last = summary.config, summary.final
     history = json.loads((tmp_path / "run" / "train_summary.json").read_text())
-    assert history["steps"] == 60 and set(summary["saes"]) == {"tide", "plain"}
+    assert history["steps"] == 60 and set(summary.saes) == {"tide", "plain"}
     start = json.loads((tmp_path / "run" / "checkpoints" / "step-0000060" / "trainer.json").read_text())["history"][0]
     for name in ("tide", "plain"):
         assert last[name]["fvu"] < start[name]["fvu"]
@@ -51,6 +52,55 @@ def test_several_saes_train_from_one_pass_and_improve(dataset, tmp_path):
         assert sae.cfg.hook == (HOOKS[0] if name == "tide" else HOOKS[1]) and sae.cfg.d_in == 16
         assert torch.allclose(sae.W_dec.norm(dim=-1), torch.ones(1), atol=1e-5)
     assert first["steps"] == 60
+
+
+def _random_batches(seed, d=16, batch=128, latents=8):
+    """A factory ``batches(start)`` of endless (x_BD, t_B) pairs drawn from a fixed sparse dictionary (no dataset
+    on disk); step i's batch depends only on (seed, i), so ``batches(s)`` continues ``batches(0)`` at step s."""
+    dictionary_FD = torch.randn(latents, d, generator=torch.Generator().manual_seed(seed))
+
+    def batches(start=0):
+        for step in itertools.count(start):
+            g = torch.Generator().manual_seed(seed * 100_003 + step + 1)
+            code_BF = torch.rand(batch, latents, generator=g) * (torch.rand(batch, latents, generator=g) < 0.25)
+            x_BD = code_BF @ dictionary_FD + 0.01 * torch.randn(batch, d, generator=g)
+            yield x_BD, torch.rand(batch, generator=g) * 1000
+    return batches
+
+
+def _gen_cfg(out, **kw):
+    return TrainConfig(out=str(out), saes=[SAESpec(name="gen", d_in=16, d_sae=32, k=4, normalization="none")],
+                       batch_size=128, warmup_steps=5, dead_after_rows=1000, progress=False, device="cpu", **kw)
+
+
+def test_trainer_fed_a_plain_generator_of_random_tensors_trains_and_lowers_fvu(tmp_path):
+    cfg = _gen_cfg(tmp_path / "run", steps=60, lr=4e-3, log_every=5, checkpoint_every=0)
+    result = Trainer(cfg, _random_batches(0)()).run()  # a generator object: no factory, no dataset
+    assert isinstance(result, TrainResult) and result.saes == ("gen",) and result.steps == 60
+    start = json.loads((tmp_path / "run" / "checkpoints" / "step-0000060" / "trainer.json").read_text())["history"][0]
+    assert result.final["gen"]["fvu"] < 0.5 * start["gen"]["fvu"], (start, result.final)
+    assert abs(result.final["gen"]["l0"] - 4) < 1e-6
+    assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["final"]["gen"] == result.final["gen"]
+    assert load_sae(result.sae_dir("gen")).cfg.d_in == 16
+
+
+def test_a_batch_factory_is_positioned_at_the_checkpoint_step_and_resumes_bit_for_bit(tmp_path):
+    batches = _random_batches(3, batch=64)
+    Trainer(_gen_cfg(tmp_path / "ref", steps=20, checkpoint_every=5), batches).run()
+    with pytest.raises(TideError, match="ran out after step 12 of 20"):  # stops between checkpoints 10 and 15
+        Trainer(_gen_cfg(tmp_path / "cut", steps=20, checkpoint_every=5),
+                lambda start: itertools.islice(batches(start), 12)).run()
+    assert (tmp_path / "cut" / "checkpoints" / "latest").read_text() == "step-0000010"
+    starts = []
+
+    def factory(start):
+        starts.append(start)
+        return batches(start)
+    result = Trainer(_gen_cfg(tmp_path / "cut", steps=20, checkpoint_every=5, resume=True), factory).run()
+    assert result.resumed and starts == [10]
+    ref = load_file(str(tmp_path / "ref" / "gen" / "sae.safetensors"))
+    got = load_file(str(tmp_path / "cut" / "gen" / "sae.safetensors"))
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
 
 
 def test_wandb_offline_writes_a_local_run_and_sends_nothing(dataset, tmp_path, monkeypatch):

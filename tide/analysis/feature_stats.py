@@ -428,6 +428,29 @@ def load_feature_stats(path: str | Path) -> FeatureStats:
     return FeatureStats(**arrays, attrs=attrs)
 
 
+@dataclasses.dataclass(frozen=True)
+class FeatureStatsResult:
+    """What `tide stats` (:meth:`FeatureStatsConfig.run`) wrote."""
+
+    path: Path
+    """The HDF5 file (``feature_stats.h5``)."""
+    stats: FeatureStats
+    """The statistics written there."""
+
+    @property
+    def rows(self) -> int:
+        return self.stats.rows
+
+    @property
+    def num_features(self) -> int:
+        return self.stats.num_features
+
+    @property
+    def alive_features(self) -> int:
+        """Features that fired at least once."""
+        return int((self.stats.frequency > 0).sum())
+
+
 @dataclasses.dataclass
 class FeatureStatsConfig:
     """`tide stats`: per-feature statistics of an SAE over a captured dataset, in one pass."""
@@ -447,7 +470,7 @@ class FeatureStatsConfig:
     device: str = "auto"
     """cpu, cuda[:N], or auto."""
 
-    def run(self, progress: bool = True) -> Path:
+    def run(self, progress: bool = True) -> FeatureStatsResult:
         from tide.device import resolve_device
         from tide.errors import TideError
 
@@ -457,4 +480,4 @@ class FeatureStatsConfig:
         stats = compute_feature_stats(self.sae, self.data, top_k=self.top_k, batch_size=self.batch_size,
                                       device=resolve_device(self.device), progress=progress,
                                       cfg_branch=branches[self.cfg_branch])
-        return save_feature_stats(stats, self.out)
+        return FeatureStatsResult(save_feature_stats(stats, self.out), stats)

@@ -28,10 +28,11 @@ from typing import Sequence
 
 import torch
 
+from tide.device import eval_mode
 from tide.errors import TideError
 from tide.eval.metrics import check_sae_hook
-from tide.eval.splice import check_splice, eval_mode
-from tide.hooks import HookedBackbone, current_step
+from tide.eval.splice import check_splice
+from tide.hooks import HookedBackbone, current_step, is_text_hook
 from tide.sampling import Intervention, SampleOutput, SamplerConfig, sample
 
 MODES = ("add", "clamp", "ablate")
@@ -100,7 +101,7 @@ def steering_fn(sae, edits: Sequence[FeatureEdit], mask=None, hook_name: str = "
     def direction_KD(t: float) -> torch.Tensor:
         if t not in directions:
             with eval_mode(sae):
-                directions[t] = sae.fold(t).W_dec[0][ids].detach()
+                directions[t] = sae.fold_decoder(t, ids).detach()
         return directions[t]
 
     def fn(act: torch.Tensor, hook=None) -> torch.Tensor:
@@ -108,9 +109,7 @@ def steering_fn(sae, edits: Sequence[FeatureEdit], mask=None, hook_name: str = "
         if ctx is None:
             raise TideError("steering reads the timestep from the sampler's step context: run it inside "
                             "tide.sampling.sample (or within tide.hooks.step_context)")
-        if act.shape[-1] != sae.cfg.d_in:
-            raise TideError(f"hook {hook_name!r} carries activations of width {act.shape[-1]} but the SAE was built "
-                            f"for d_in={sae.cfg.d_in}: load an SAE trained on this hook of this backbone")
+        sae.check_width(act.shape[-1], f"hook {hook_name!r}")
         t = float(ctx.timestep)
         d_KD = direction_KD(t)
         x = act.to(param.device, param.dtype)
@@ -172,7 +171,7 @@ def edit_generation(model, sae, conds: Sequence[int], seeds: Sequence[int], samp
         raise TideError(f"edit window steps [{from_step}, {stop}) lies outside the {n}-step schedule: "
                         f"need 0 <= from_step < to_step <= {n}")
     checked = _check_mask(mask)
-    if checked is not None and ".hook_txt_" not in hook:
+    if checked is not None and not is_text_hook(hook):
         grid = tuple(backbone.patch_grid)
         if tuple(checked.shape) not in (grid, (math.prod(grid),)):
             raise _mask_error(checked, math.prod(grid), grid)
@@ -235,6 +234,38 @@ def region_mask(region: str, grid: tuple[int, ...]) -> torch.Tensor:
     return mask
 
 
+@dataclass(frozen=True)
+class SteerResult:
+    """What `tide steer` (:meth:`SteerConfig.run`) generated and wrote."""
+
+    config: dict
+    """The SteerConfig's fields."""
+    grid_path: Path
+    """The before/after grid (PNG)."""
+    json_path: Path
+    """The JSON summary beside it (:meth:`to_dict`)."""
+    before: SampleOutput
+    """The original generations."""
+    after: SampleOutput
+    """The same generations (same seeds) with the edit."""
+    pixel_change: float
+    """Mean absolute pixel difference between after and before."""
+    target_class: str | None = None
+    """Name of the config's target_class, when one was given."""
+    target_rate_before: float | None = None
+    """Fraction of the originals the evaluation classifier assigns to the target class."""
+    target_rate_after: float | None = None
+    """The same fraction for the edited generations."""
+
+    def to_dict(self) -> dict:
+        """The JSON summary: config, grid, pixel_change, and the target_* entries when a target was given."""
+        out = {"config": self.config, "grid": str(self.grid_path), "pixel_change": self.pixel_change}
+        if self.target_class is not None:
+            out.update(target_class=self.target_class, target_rate_before=self.target_rate_before,
+                       target_rate_after=self.target_rate_after)
+        return out
+
+
 @dataclass
 class SteerConfig:
     """`tide steer`: generate with SAE features turned up, clamped or ablated, and compare with the originals."""
@@ -278,7 +309,7 @@ class SteerConfig:
     dtype: str = "float32"
     """Weight dtype of the backbone: float32, bfloat16 or float16."""
 
-    def run(self) -> dict:
+    def run(self) -> SteerResult:
         import json
 
         from tide.models import load_backbone
@@ -299,14 +330,16 @@ class SteerConfig:
         before, after = edit_generation(backbone, sae, conds, seeds, config, edits, from_step=self.from_step,
                                         to_step=self.to_step, mask=mask, branch=self.branch)
         path = save_before_after(before, after, self.out, ncol=self.n * min(len(classes), 4))
-        summary = {"config": {k: getattr(self, k) for k in self.__dataclass_fields__}, "grid": str(path),
-                   "pixel_change": float((after.images - before.images).abs().mean())}
+        target = {}
         if self.target_class is not None:
             from tide.eval.classifier import load_classifier
 
             clf = load_classifier(backbone, device=backbone.device)
-            summary["target_class"] = backbone.condition_names[self.target_class]
-            summary["target_rate_before"] = float((clf.predict(before.images).cpu() == self.target_class).float().mean())
-            summary["target_rate_after"] = float((clf.predict(after.images).cpu() == self.target_class).float().mean())
-        Path(self.out).with_suffix(".json").write_text(json.dumps(summary, indent=1))
-        return summary
+            target = {"target_class": backbone.condition_names[self.target_class],
+                      "target_rate_before": float((clf.predict(before.images).cpu() == self.target_class).float().mean()),
+                      "target_rate_after": float((clf.predict(after.images).cpu() == self.target_class).float().mean())}
+        result = SteerResult(config={k: getattr(self, k) for k in self.__dataclass_fields__}, grid_path=Path(path),
+                             json_path=Path(self.out).with_suffix(".json"), before=before, after=after,
+                             pixel_change=float((after.images - before.images).abs().mean()), **target)
+        result.json_path.write_text(json.dumps(result.to_dict(), indent=1))
+        return result

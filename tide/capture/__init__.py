@@ -4,7 +4,7 @@
 data layer can use it without loading models; the capture run is imported on first use.
 """
 
-__all__ = ["CaptureConfig", "capture", "parse_record_steps"]
+__all__ = ["CaptureConfig", "CaptureResult", "capture", "parse_record_steps"]
 
 
 def __getattr__(name):

@@ -21,12 +21,13 @@ import torch
 from tqdm.auto import tqdm
 
 import tide
-from tide.capture.schema import MANIFEST, PROGRESS_DIR, SCHEMA, SCHEMA_VERSION, TMP_SUFFIX, progress_name, token_dtype
-from tide.capture.writer import ShardDone, ShardRecord, ShardWriter, StepChunk
+from tide.capture.schema import (MANIFEST, PROGRESS_DIR, SCHEMA, SCHEMA_VERSION, TMP_SUFFIX, ShardRecord, progress_name,
+                                 token_dtype)
+from tide.capture.writer import ShardDone, ShardWriter, StepChunk
 from tide.config import to_dict
 from tide.errors import TideError
 from tide.io import atomic_write_json, canonical_hash
-from tide.hooks import BRANCH_NAMES, HookedBackbone, current_step
+from tide.hooks import BRANCH_NAMES, HookedBackbone, current_step, is_text_hook
 from tide.models.base import Backbone
 from tide.models.loading import BackboneConfig
 from tide.sampling import Intervention, SamplerConfig, sample
@@ -112,6 +113,31 @@ def parse_record_steps(spec: str, num_steps: int) -> list[int]:
     if bad or not steps:
         raise TideError(f"record_steps {spec!r}: step indices must lie in 0..{num_steps - 1} (got {bad or 'none'})")
     return steps
+
+
+@dataclass(frozen=True)
+class CaptureResult:
+    """What a capture produced: the dataset directory and its final manifest (docs/FORMAT.md)."""
+
+    path: Path
+    """The dataset directory."""
+    manifest: dict
+    """The manifest as written (shards with row counts and checksums, schedule, hooks, config, ...)."""
+
+    @property
+    def rows(self) -> int:
+        """Rows captured (every hook has this many)."""
+        return int(self.manifest["total_rows"])
+
+    @property
+    def shards(self) -> int:
+        """Finished shards."""
+        return len(self.manifest["shards"])
+
+    @property
+    def complete(self) -> bool:
+        """True when every shard of the run is finished."""
+        return bool(self.manifest["complete"])
 
 
 class Recorder:
@@ -252,8 +278,8 @@ def _read_progress(out: Path) -> dict[int, dict]:
     return records
 
 
-def capture(config: CaptureConfig, backbone: Backbone | None = None, progress: bool = True) -> dict:
-    """Run (or resume) a capture; returns the final manifest. Under torchrun every rank calls this."""
+def capture(config: CaptureConfig, backbone: Backbone | None = None, progress: bool = True) -> CaptureResult:
+    """Run (or resume) a capture; returns the dataset and its final manifest. Under torchrun every rank calls this."""
     config.validate()
     out = Path(config.out)
     backbone = backbone or config.load_backbone()
@@ -274,7 +300,7 @@ def capture(config: CaptureConfig, backbone: Backbone | None = None, progress: b
     hooked = HookedBackbone.of(backbone)
     hooks = list(config.hooks) if config.hooks else [hooked.default_hook()]
     hooked.check_hook_names(hooks)
-    text_hooks = [h for h in hooks if ".hook_txt_" in h]
+    text_hooks = [h for h in hooks if is_text_hook(h)]
     if text_hooks:
         raise TideError(f"text-stream hooks {text_hooks} cannot be captured (rows are image tokens): "
                         "use the matching hook_img_* names")
@@ -323,7 +349,7 @@ def capture(config: CaptureConfig, backbone: Backbone | None = None, progress: b
     started = time.perf_counter()
 
     def on_shard(rec: ShardRecord) -> None:
-        my_records[rec.index] = dataclasses.asdict(rec)
+        my_records[rec.index] = rec.to_dict()
         atomic_write_json(out / progress_name(rank), {"rank": rank, "shards": sorted(my_records.values(), key=lambda r: r["index"])})
         if rank == 0 and world == 1:
             _write_manifest(out, manifest, {**finished, **my_records}, complete=False)
@@ -353,7 +379,7 @@ def capture(config: CaptureConfig, backbone: Backbone | None = None, progress: b
         finished = _read_progress(out)
         manifest = _write_manifest(out, manifest, finished, complete=len(finished) == num_shards)
     _barrier(world)
-    return json.loads((out / MANIFEST).read_text())
+    return CaptureResult(out, json.loads((out / MANIFEST).read_text()))
 
 
 def _write_manifest(out: Path, manifest: dict, records: dict[int, dict], complete: bool) -> dict:

@@ -1,6 +1,10 @@
-"""The activation dataset format (docs/FORMAT.md): names and constants."""
+"""The activation dataset format (docs/FORMAT.md): names, constants, and the manifest's shard entry
+(``ShardRecord``, written by the capture and read by ``tide.data``)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -58,3 +62,50 @@ def progress_name(rank: int) -> str:
     return f"{PROGRESS_DIR}/rank-{rank}.json"
 
 
+@dataclass(frozen=True)
+class ShardRecord:
+    """One finished shard as the manifest lists it: an entry of ``manifest["shards"]`` (docs/FORMAT.md).
+
+    The shard writer creates it and the capture writes :meth:`to_dict` into the manifest; readers
+    build it with :meth:`from_dict`, giving the dataset directory as ``root`` so that :attr:`path`
+    locates the file.
+    """
+
+    index: int
+    file: str
+    rows: int
+    bytes: int
+    sha256: str
+    first_sample: int = -1
+    """First sample id in the shard; -1 when the entry does not say."""
+    num_samples: int = -1
+    """Samples in the shard; -1 when the entry does not say."""
+    rank: int = -1
+    """Capture rank that wrote the shard; -1 when the entry does not say."""
+    dtypes: dict[str, str] = field(default_factory=dict, hash=False)
+    """Storage dtype used for each hook in this shard (``float32`` where float16 would overflow)."""
+    root: Path | None = field(default=None, repr=False, compare=False)
+    """The dataset directory (not part of the entry); None for a record not yet placed in one."""
+
+    @property
+    def path(self) -> Path:
+        """The shard file: ``root / file``."""
+        return Path(self.file) if self.root is None else self.root / self.file
+
+    def to_dict(self) -> dict:
+        """The manifest entry (JSON-able; key order as written by the capture)."""
+        return {"index": self.index, "file": self.file, "rows": self.rows, "bytes": self.bytes, "sha256": self.sha256,
+                "first_sample": self.first_sample, "num_samples": self.num_samples, "rank": self.rank,
+                "dtypes": dict(self.dtypes)}
+
+    @classmethod
+    def from_dict(cls, entry: dict, root: str | Path | None = None) -> "ShardRecord":
+        """A manifest entry as a record; raises KeyError, TypeError or ValueError when it is malformed
+        (``index``, ``file``, ``rows``, ``bytes`` and ``sha256`` are required)."""
+        dtypes = entry.get("dtypes")
+        return cls(index=int(entry["index"]), file=str(entry["file"]), rows=int(entry["rows"]),
+                   bytes=int(entry["bytes"]), sha256=str(entry["sha256"]),
+                   first_sample=int(entry.get("first_sample", -1)), num_samples=int(entry.get("num_samples", -1)),
+                   rank=int(entry.get("rank", -1)),
+                   dtypes={str(k): str(v) for k, v in dtypes.items()} if isinstance(dtypes, dict) else {},
+                   root=None if root is None else Path(root))

@@ -10,15 +10,15 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import h5py
 import numpy as np
 
-from tide.capture.schema import (ACTS_GROUP, COLUMN_DTYPES, FP16_MAX, META_COLUMNS, SCHEMA, SCHEMA_VERSION, dtype_attr,
-                                 shard_name)
+from tide.capture.schema import (ACTS_GROUP, COLUMN_DTYPES, FP16_MAX, META_COLUMNS, SCHEMA, SCHEMA_VERSION, ShardRecord,
+                                 dtype_attr, shard_name)
 from tide.errors import TideError
 from tide.io import atomic_path, sha256_file
 
@@ -41,21 +41,6 @@ class ShardDone:
     shard: int
     first_sample: int
     num_samples: int
-
-
-@dataclass
-class ShardRecord:
-    """A finished shard, as listed in the manifest."""
-
-    index: int
-    file: str
-    rows: int
-    bytes: int
-    sha256: str
-    first_sample: int
-    num_samples: int
-    rank: int
-    dtypes: dict[str, str] = field(default_factory=dict)
 
 
 class ShardWriter:

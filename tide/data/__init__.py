@@ -4,7 +4,9 @@ map a row's ``token`` to its (frame,) row and column (``token_coords``)."""
 
 from tide.data.coords import coords_token, token_coords
 from tide.data.loader import ActivationLoader, Batch, LoaderConfig
-from tide.data.store import ActivationStore, ShardInfo, TimestepStats, VerifyReport
+from tide.data.stats import TimestepStats
+from tide.data.store import ActivationStore, ShardInfo
+from tide.data.verify import VerifyReport
 
 __all__ = ["ActivationLoader", "ActivationStore", "Batch", "LoaderConfig", "ShardInfo", "TimestepStats",
            "VerifyReport", "coords_token", "token_coords"]

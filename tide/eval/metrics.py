@@ -28,6 +28,7 @@ from torch.nn import functional as F
 
 from tide.data import ActivationLoader, ActivationStore, LoaderConfig
 from tide.errors import TideError
+from tide.timesteps import bucket_of
 
 DEFAULT_NUM_BUCKETS = 5
 """Equal timestep ranges over [0, t_max] when no bucket edges are given."""
@@ -279,11 +280,7 @@ def reconstruction_metrics(sae, data, hook: str | None = None, buckets: Sequence
             slot_B = slots.slots_of(t_B, x_BD)
             slots.add(slot_B, x_BD, sse_B, cos_B, l0_B)
 
-            t64 = t_B.double()
-            bucket_B = torch.bucketize(t64, edges_t, right=True) - 1
-            bucket_B = torch.where(t64 == edges_t[-1], torch.full_like(bucket_B, n_b - 1), bucket_B)
-            inside = (bucket_B >= 0) & (bucket_B < n_b)
-            bucket_B = torch.where(inside, bucket_B, torch.full_like(bucket_B, n_b))  # n_b = outside every bucket
+            bucket_B = bucket_of(t_B, edges_t)  # n_b = outside every bucket
             per_bucket = torch.zeros(n_b + 1, d_sae, dtype=torch.float64, device=device)
             if idx is None:
                 per_bucket.index_add_(0, bucket_B, active.double())
@@ -314,11 +311,8 @@ def reconstruction_metrics(sae, data, hook: str | None = None, buckets: Sequence
         dense = float((freq > dense_threshold).double().mean())
         return BucketMetrics(lo, hi, n, fvu, mse, cos, l0, dead, dense)
 
-    bucket_metrics = []
-    for b in range(n_b):
-        lo, hi = edges[b], edges[b + 1]
-        sel = (timesteps >= lo) & ((timesteps < hi) | ((b == n_b - 1) & (timesteps == hi)))
-        bucket_metrics.append(group(sel, b, lo, hi))
+    bucket_T = bucket_of(timesteps, edges)
+    bucket_metrics = [group(bucket_T == b, b, edges[b], edges[b + 1]) for b in range(n_b)]
     overall = group(np.ones(len(timesteps), dtype=bool), n_b,
                     float(timesteps.min()), float(timesteps.max()))
 

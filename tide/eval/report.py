@@ -96,18 +96,15 @@ def _real_images(backbone, classifier) -> tuple[torch.Tensor | None, str | None]
 
 def plot_eval(result: dict, path: str | Path) -> Path:
     """FVU against timestep (per timestep and per bucket) and the denoiser error against timestep."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from tide.plots import finite_or_nan, new_figure, save_figure
 
     rec = result["reconstruction"]
     den = result.get("denoiser_error")
-    fig, axes = plt.subplots(1, 2 if den else 1, figsize=(11 if den else 5.5, 4), squeeze=False)
+    fig, axes = new_figure((11 if den else 5.5, 4), ncols=2 if den else 1, squeeze=False)
     ax = axes[0, 0]
     curve = rec["per_timestep"]
     t = np.array(curve["timestep"], dtype=float)
-    fvu = np.array([np.nan if v is None else v for v in curve["fvu"]], dtype=float)
+    fvu = finite_or_nan(curve["fvu"])
     ax.plot(t, fvu, marker=".", lw=1.2, label="per timestep")
     for b in rec["buckets"]:
         if b["rows"] and b["fvu"] is not None:
@@ -123,8 +120,8 @@ def plot_eval(result: dict, path: str | Path) -> Path:
         ax = axes[0, 1]
         steps = den["per_step"]
         t = np.array(steps["timestep"], dtype=float)
-        err = np.array([np.nan if v is None else v for v in steps["relative_error"]], dtype=float)
-        abl = np.array([np.nan if v is None else v for v in steps["ablation_error"]], dtype=float)
+        err = finite_or_nan(steps["relative_error"])
+        abl = finite_or_nan(steps["ablation_error"])
         ax.plot(t, err, marker=".", lw=1.2, label="SAE spliced")
         ax.plot(t, abl, marker=".", lw=1.2, ls="--", color="grey", label=f"mean ablation ({den['ablation']} mean)")
         ax.set_yscale("log")
@@ -134,11 +131,7 @@ def plot_eval(result: dict, path: str | Path) -> Path:
                      f"(ablation {den['mean_ablation_error']:.3g})", fontsize=10)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def evaluate(config: EvalConfig, backbone=None, sae=None, progress: bool = True) -> dict:

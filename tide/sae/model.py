@@ -24,7 +24,8 @@ from tide.errors import TideError
 from tide.sae import sparsity as sp
 from tide.sae.config import SAEConfig
 from tide.sae.kernels import SparseCode, selected_encode, sparse_decode, topk_encode_code
-from tide.sae.timestep import TimestepModulation, bucket_index
+from tide.sae.timestep import TimestepModulation
+from tide.timesteps import bucket_index
 
 
 class ForwardOutput(NamedTuple):
@@ -122,6 +123,8 @@ class SAE(nn.Module):
         """(mu_BD, sigma_B1) at each row's timestep (nearest recorded timestep for per_timestep)."""
         if self.norm_t_T.numel() == 1:
             return self.norm_mean_TD.expand(len(t_B), -1), self.norm_scale_T.expand(len(t_B))[:, None]
+        # on device, in float32; an exact tie takes the first table row (the higher timestep for a table in
+        # step order), unlike tide.timesteps.nearest_index (the lower timestep)
         row = (t_B.float()[:, None] - self.norm_t_T[None]).abs().argmin(-1)
         return self.norm_mean_TD[row], self.norm_scale_T[row][:, None]
 

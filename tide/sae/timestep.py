@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from tide.timesteps import bucket_index  # noqa: F401  (equal-width buckets; defined with the other timestep lookups)
+
 
 def sinusoidal_embedding(t_B: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
     """(B, dim) sin/cos features of the timestep values (as in DiT's timestep embedder)."""
@@ -31,8 +33,3 @@ class TimestepModulation(nn.Module):
         emb = sinusoidal_embedding(t_B, self.embed_dim).to(self.mlp[0].weight.dtype)
         scale_BD, shift_BD = self.mlp(emb).chunk(2, dim=-1)
         return scale_BD, shift_BD
-
-
-def bucket_index(t_B: torch.Tensor, num_buckets: int, t_max: float) -> torch.Tensor:
-    """Equal-width timestep buckets over [0, t_max]: (B,) long in 0..num_buckets-1."""
-    return (t_B.float() / t_max * num_buckets).floor().long().clamp(0, num_buckets - 1)

@@ -1,0 +1,98 @@
+"""What the trainer reads: any iterator of ``(x_BD, t_B)`` batches. A captured dataset is one source.
+
+A batch is any of
+
+- a pair ``(x, t_B)`` (or any sequence whose first two items are those),
+- an object with fields ``x_BD`` and ``t_B``,
+- an object with fields ``acts`` and ``t_B`` (the data loader's :class:`tide.data.loader.Batch`),
+
+where ``x`` is an ``(B, D)`` tensor that every SAE reads, or ``{hook: acts_BD}`` (rows aligned across
+hooks) from which each SAE reads its own hook's column, and ``t_B`` holds each row's timestep.
+
+Positioning on resume. The trainer is given a *source*, either
+
+- a factory ``batches(start_step) -> Iterable``: its first batch is the one of step ``start_step``.
+  The trainer calls it once per run with its current step (0, or the checkpoint's step when
+  resuming), so a deterministic factory gives exact resume. :func:`dataset_batches` is one: the
+  shuffled loader is deterministic given its seed and replays (reads and discards) the first
+  ``start_step`` batches; or
+- a plain iterable, read as given: it must start at the trainer's current step (a fresh run: step 0).
+
+Under ``torchrun`` every rank must see the same global batches (each trains on rows ``rank::world``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterable, Iterator, Union
+
+import torch
+
+from tide.data import ActivationLoader, ActivationStore, LoaderConfig
+from tide.errors import TideError
+from tide.train.config import SAESpec, TrainConfig
+
+Acts = Union[torch.Tensor, dict[str, torch.Tensor]]
+BatchFactory = Callable[[int], Iterable[Any]]
+"""``batches(start_step)``: the batches from step ``start_step`` on."""
+BatchSource = Union[BatchFactory, Iterable[Any]]
+
+
+def unpack(batch: Any) -> tuple[Acts, torch.Tensor]:
+    """``(x, t_B)`` of a batch given as a pair, an object with ``x_BD``/``t_B`` or one with ``acts``/``t_B``."""
+    for field in ("x_BD", "acts"):
+        if hasattr(batch, field) and hasattr(batch, "t_B"):
+            return getattr(batch, field), batch.t_B
+    try:
+        return batch[0], batch[1]
+    except (TypeError, IndexError, KeyError):
+        raise TideError(f"a training batch must be a pair (x_BD, t_B) or have fields x_BD and t_B; got "
+                        f"{type(batch).__name__}") from None
+
+
+def open_source(source: BatchSource, start_step: int) -> Iterator[Any]:
+    """An iterator over ``source``'s batches from ``start_step`` on (see the module docstring)."""
+    if callable(source):
+        return iter(source(start_step))
+    return iter(source)
+
+
+def hook_rows(acts: Acts, hook: str) -> torch.Tensor:
+    """The rows an SAE reading ``hook`` trains on: ``acts`` itself, or its ``hook`` column."""
+    if not isinstance(acts, dict):
+        return acts
+    if hook not in acts:
+        raise TideError(f"the batch holds activations of {sorted(acts)}, not of the SAE's hook {hook!r}")
+    return acts[hook]
+
+
+# ------------------------------------------------------------------------------------ captured datasets
+def dataset_batches(store: ActivationStore, hooks: list[str], cfg: TrainConfig) -> BatchFactory:
+    """The shuffled, endless loader over ``store`` as a factory ``batches(start_step)``."""
+    loader_cfg = LoaderConfig(hooks=hooks, batch_size=cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer,
+                              seed=cfg.seed, epochs=None, drop_last=True)
+
+    def batches(start_step: int = 0) -> Iterator[Any]:
+        it = iter(ActivationLoader(store, loader_cfg))
+        for _ in range(start_step):  # deterministic given the seed: replaying start_step batches positions it exactly
+            next(it)
+        return it
+    return batches
+
+
+def complete_specs(specs: list[SAESpec], store: ActivationStore) -> list[SAESpec]:
+    """The specs with ``hook`` (default: the dataset's first), ``d_in`` and ``backbone`` from ``store``."""
+    hooks = store.hooks
+    backbone = store.manifest.get("backbone", {}).get("name", "")
+    out = []
+    for spec in specs:
+        hook = spec.hook or next(iter(hooks))
+        if hook not in hooks:
+            raise TideError(f"SAE {spec.name!r}: hook {hook!r} is not in dataset {store.path}; "
+                            f"it holds {sorted(hooks)}")
+        width = hooks[hook]
+        if spec.d_in and spec.d_in != width:
+            raise TideError(f"SAE {spec.name!r}: d_in={spec.d_in} but the dataset's {hook} activations have width "
+                            f"{width}; set d_in: {width} (or leave it out)")
+        out.append(dataclasses.replace(spec, hook=hook, d_in=width, backbone=backbone))
+    return out

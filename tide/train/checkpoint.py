@@ -1,0 +1,87 @@
+"""Training checkpoints: complete (weights, Adam state, dead-latent counters, step, metric history)
+and written atomically, so a run killed at any moment resumes from the newest complete one.
+
+Layout under the run directory::
+
+    checkpoints/latest                    name of the newest complete checkpoint
+    checkpoints/step-0000500/{sae}/       each SAE (cfg.json + sae.safetensors)
+    checkpoints/step-0000500/state.safetensors   Adam state and rows_since_fired of every SAE
+    checkpoints/step-0000500/trainer.json        step, Adam param groups, config, history
+
+A checkpoint directory is filled under a temporary name and renamed into place
+(:func:`tide.io.atomic_dir`); ``latest`` is replaced after it (:func:`tide.io.atomic_write_bytes`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tide.io import TMP_SUFFIX, atomic_dir, atomic_write_bytes, atomic_write_json
+from tide.sae.io import load_sae, save_sae
+from tide.sae.model import SAE
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+TRAIN_STATE = "trainer.json"
+STATE = "state.safetensors"
+
+
+class Checkpoint(NamedTuple):
+    """A checkpoint read back: where it is, its ``trainer.json`` and its state tensors."""
+
+    path: Path
+    meta: dict
+    """step, param_groups (per SAE), config, history."""
+    tensors: dict[str, torch.Tensor]
+
+
+def save_checkpoint(root: Path, step: int, saes: dict[str, SAE], optims: dict[str, torch.optim.Optimizer],
+                    rows_since_fired: dict[str, torch.Tensor], meta: dict, keep: int) -> Path:
+    """Write checkpoint ``step-{step}`` under ``root`` atomically, point ``latest`` at it and keep the newest ``keep``.
+    ``meta`` (config, history) goes into ``trainer.json`` beside the step and Adam's param groups."""
+    name = f"step-{step:07d}"
+    final = root / name
+    with atomic_dir(final) as tmp:
+        tensors, groups = {}, {}
+        for sae_name, sae in saes.items():
+            save_sae(sae, tmp / sae_name)
+            opt = optims[sae_name].state_dict()
+            for i, state in opt["state"].items():
+                for key, value in state.items():
+                    tensors[f"{sae_name}/optim/{i}/{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+            groups[sae_name] = opt["param_groups"]
+            tensors[f"{sae_name}/rows_since_fired"] = rows_since_fired[sae_name].cpu()
+        save_file(tensors, str(tmp / STATE))
+        atomic_write_json(tmp / TRAIN_STATE, {"step": step, "param_groups": groups, **meta})
+    atomic_write_bytes(root / LATEST, name.encode())
+    for old in sorted(p for p in root.glob("step-*") if not p.name.endswith(TMP_SUFFIX))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_checkpoint(root: Path) -> Checkpoint | None:
+    """The checkpoint ``latest`` names under ``root``; None when there is none."""
+    if not (root / LATEST).exists():
+        return None
+    path = root / (root / LATEST).read_text().strip()
+    return Checkpoint(path, json.loads((path / TRAIN_STATE).read_text()), load_file(str(path / STATE)))
+
+
+def restore(ckpt: Checkpoint, saes: dict[str, SAE], optims: dict[str, torch.optim.Optimizer],
+            rows_since_fired: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Load ``ckpt``'s weights, Adam state and dead-latent counters into the given objects (in place)."""
+    for sae_name, sae in saes.items():
+        sae.load_state_dict(load_sae(ckpt.path / sae_name, device=device).state_dict())
+        state = {}
+        for key, value in ckpt.tensors.items():
+            parts = key.split("/")
+            if parts[0] == sae_name and parts[1] == "optim":
+                state.setdefault(int(parts[2]), {})[parts[3]] = value.to(device) if parts[3] != "step" else value
+        optims[sae_name].load_state_dict({"state": state, "param_groups": ckpt.meta["param_groups"][sae_name]})
+        rows_since_fired[sae_name] = ckpt.tensors[f"{sae_name}/rows_since_fired"].to(device)

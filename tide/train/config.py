@@ -1,0 +1,94 @@
+"""`tide train`'s configuration: the SAEs to train (``SAESpec``), the run (``TrainConfig``), and the
+learning-rate schedule it defines."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tide.errors import TideError
+from tide.sae.config import SAEConfig
+
+
+@dataclass
+class SAESpec(SAEConfig):
+    """One SAE to train: its architecture plus a name (its directory under ``out``)."""
+
+    name: str = "sae"
+    """Directory name of this SAE under the run directory."""
+    d_in: int = 0
+    """Width of the activations; 0 = the dataset's width for this hook."""
+
+
+@dataclass
+class TrainConfig:
+    """`tide train`: which SAEs to train on which dataset, and how."""
+
+    data: str = "runs/capture"
+    """Captured dataset directory."""
+    out: str = "runs/sae"
+    """Run directory: one sub-directory per SAE, checkpoints/, train_summary.json."""
+    saes: list[SAESpec] = field(default_factory=lambda: [SAESpec()])
+    """SAEs trained together from one pass (YAML list; `hook` defaults to the dataset's first hook, `d_in` to its width)."""
+    steps: int = 2000
+    """Optimizer steps (one batch each)."""
+    batch_size: int = 4096
+    """Rows per step (the global batch under torchrun)."""
+    lr: float = 4e-4
+    """Adam learning rate after warm-up."""
+    warmup_steps: int = 100
+    """Linear learning-rate warm-up steps."""
+    decay_start: float = 0.8
+    """Fraction of the run after which the learning rate decays linearly to 0."""
+    k_aux: int = 256
+    """AuxK: dead latents used to reconstruct the residual."""
+    aux_coefficient: float = 0.03125
+    """AuxK loss weight (0 turns AuxK off)."""
+    dead_after_rows: int = 1_000_000
+    """A latent that has not fired for this many rows counts as dead."""
+    b_dec_init: str = "median"
+    """Decoder bias from the first batch: median (geometric median), mean, or zero."""
+    checkpoint_every: int = 500
+    """Steps between checkpoints (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk (the newest ones)."""
+    shuffle_buffer: int = 262_144
+    """Loader shuffle-buffer rows."""
+    seed: int = 0
+    """Seed of weight initialisation and data order."""
+    resume: bool = False
+    """Continue from the newest checkpoint in `out`."""
+    overwrite: bool = False
+    """Replace an existing run in `out`."""
+    wandb: str = "disabled"
+    """Weights & Biases logging: disabled, offline (local files only) or online."""
+    log_every: int = 10
+    """Steps between logged metrics."""
+    device: str = "auto"
+    """cpu, cuda[:N] or auto."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise TideError("steps and batch_size must be >= 1")
+        if self.b_dec_init not in ("median", "mean", "zero"):
+            raise TideError(f"b_dec_init must be median, mean or zero, got {self.b_dec_init!r}")
+        if self.wandb not in ("disabled", "offline", "online"):
+            raise TideError(f"wandb must be disabled, offline or online, got {self.wandb!r}")
+        names = [s.name for s in self.saes]
+        if not names or len(set(names)) != len(names):
+            raise TideError(f"give each SAE a distinct name (got {names})")
+        if self.resume and self.overwrite:
+            raise TideError("choose one of --resume and --overwrite")
+
+
+RESUME_INSENSITIVE = ("resume", "overwrite", "progress", "device", "wandb")
+"""Config fields a resumed run may change; every other field must match the checkpoint's."""
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, constant, then linear decay to 0 over the last (1 - decay_start) of the run."""
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    start = int(cfg.decay_start * cfg.steps)
+    decay = 1.0 if step < start else max(0.0, (cfg.steps - step) / max(1, cfg.steps - start))
+    return warm * decay
