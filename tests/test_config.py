@@ -33,3 +33,11 @@ def test_unknown_keys_and_bad_values_are_named(tmp_path):
         load_yaml(GenerateConfig, tmp_path / "bad.yaml")
     with pytest.raises(TideError, match="does not exist"):
         load_yaml(GenerateConfig, tmp_path / "missing.yaml")
+
+
+def test_a_choice_field_refuses_values_outside_its_choices_by_name():
+    from tide.capture import CaptureConfig
+
+    assert from_dict(CaptureConfig, {"cfg_branch": "both"}).cfg_branch == "both"
+    with pytest.raises(TideError, match="config field 'cfg_branch' must be one of 'cond', 'uncond', 'both', got 'neither'"):
+        from_dict(CaptureConfig, {"cfg_branch": "neither"})

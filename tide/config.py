@@ -89,6 +89,11 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             return tuple(out) if origin is tuple else out
         if dataclasses.is_dataclass(inner):
             return from_dict(inner, value)
+        if origin is typing.Literal:
+            choices = typing.get_args(inner)
+            if value not in choices:
+                raise TideError(f"config field {name!r} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+            return value
     except (TypeError, ValueError):
         raise TideError(f"config field {name!r}: cannot read {value!r} as {getattr(inner, '__name__', inner)}") from None
     return value

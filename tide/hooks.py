@@ -37,12 +37,12 @@ from torch import nn
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+from tide.branches import BRANCHES, COND, UNCOND  # noqa: F401  (re-exported: the rows' labels)
 from tide.errors import TideError
 from tide.models.base import Backbone, BlockSpec
 
-COND, UNCOND = 0, 1
-"""CFG branch labels of a batch row: conditional or unconditional (null-condition) half."""
-BRANCH_NAMES = {"cond": COND, "uncond": UNCOND}
+BRANCH_NAMES = BRANCHES
+"""CFG branch name -> the label in ``StepContext.cfg_branch_B`` (see :mod:`tide.branches`)."""
 
 SINGLE_STREAM_HOOKS = ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
 JOINT_HOOKS = ("hook_img_resid_pre", "hook_img_resid_post", "hook_txt_resid_pre", "hook_txt_resid_post")
@@ -73,6 +73,15 @@ _CURRENT_STEP: ContextVar[StepContext | None] = ContextVar("tide_current_step", 
 def current_step() -> StepContext | None:
     """The sampler's current step, or None outside a sampling loop."""
     return _CURRENT_STEP.get()
+
+
+def require_step(what: str) -> StepContext:
+    """The sampler's current step; outside a sampling loop, a TideError saying that ``what`` needs one."""
+    ctx = _CURRENT_STEP.get()
+    if ctx is None:
+        raise TideError(f"{what} reads the timestep from the sampler's step context: run it inside "
+                        "tide.sampling.sample (or within tide.hooks.step_context)")
+    return ctx
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from tide.branches import CfgBranch, check_branch
 from tide.errors import TideError
 from tide.hooks import BRANCH_NAMES, COND, UNCOND, HookedBackbone, StepContext, step_context
 from tide.models.base import NULL_CONDITION, Backbone
@@ -62,12 +63,11 @@ class Intervention:
     """Active for step indices in [start, stop); None = every step."""
     timesteps: tuple[float, float] | None = None
     """Active while the scheduler timestep lies in [low, high] (inclusive); None = any."""
-    branch: str = "both"
+    branch: CfgBranch = "both"
     """CFG rows the function changes: ``cond``, ``uncond`` or ``both``."""
 
     def __post_init__(self):
-        if self.branch not in ("both", *BRANCH_NAMES):
-            raise TideError(f"intervention branch must be 'cond', 'uncond' or 'both', got {self.branch!r}")
+        check_branch(self.branch, "intervention branch")
 
     def active(self, step_index: int, timestep: float) -> bool:
         if self.steps is not None and not self.steps[0] <= step_index < self.steps[1]:

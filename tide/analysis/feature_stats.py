@@ -38,6 +38,7 @@ import h5py
 import numpy as np
 import torch
 
+from tide.branches import BRANCHES, CfgBranch, check_branch
 from tide.io import atomic_path, canonical_hash, tensors_hash
 from tide.data import ActivationStore
 from tide.device import resolve_device
@@ -465,19 +466,16 @@ class FeatureStatsConfig:
     """Top-activating occurrences kept per feature."""
     batch_size: int = 4096
     """Rows per SAE batch."""
-    cfg_branch: str = "cond"
+    cfg_branch: CfgBranch = "cond"
     """CFG rows to analyse: cond, uncond or both."""
     device: str = "auto"
     """cpu, cuda[:N], or auto."""
 
     def run(self, progress: bool = True) -> FeatureStatsResult:
         from tide.device import resolve_device
-        from tide.errors import TideError
 
-        branches = {"cond": 0, "uncond": 1, "both": None}
-        if self.cfg_branch not in branches:
-            raise TideError(f"cfg_branch must be cond, uncond or both, got {self.cfg_branch!r}")
+        branch = BRANCHES.get(check_branch(self.cfg_branch))  # None = both
         stats = compute_feature_stats(self.sae, self.data, top_k=self.top_k, batch_size=self.batch_size,
                                       device=resolve_device(self.device), progress=progress,
-                                      cfg_branch=branches[self.cfg_branch])
+                                      cfg_branch=branch)
         return FeatureStatsResult(save_feature_stats(stats, self.out), stats)

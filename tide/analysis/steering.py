@@ -28,11 +28,12 @@ from typing import Sequence
 
 import torch
 
+from tide.branches import CfgBranch
 from tide.device import eval_mode
 from tide.errors import TideError
 from tide.eval.metrics import check_sae_hook
 from tide.eval.splice import check_splice
-from tide.hooks import HookedBackbone, current_step, is_text_hook
+from tide.hooks import HookedBackbone, is_text_hook, require_step
 from tide.sampling import Intervention, SampleOutput, SamplerConfig, sample
 
 MODES = ("add", "clamp", "ablate")
@@ -105,10 +106,7 @@ def steering_fn(sae, edits: Sequence[FeatureEdit], mask=None, hook_name: str = "
         return directions[t]
 
     def fn(act: torch.Tensor, hook=None) -> torch.Tensor:
-        ctx = current_step()
-        if ctx is None:
-            raise TideError("steering reads the timestep from the sampler's step context: run it inside "
-                            "tide.sampling.sample (or within tide.hooks.step_context)")
+        ctx = require_step("steering")
         sae.check_width(act.shape[-1], f"hook {hook_name!r}")
         t = float(ctx.timestep)
         d_KD = direction_KD(t)
@@ -130,7 +128,7 @@ def steering_fn(sae, edits: Sequence[FeatureEdit], mask=None, hook_name: str = "
 
 
 def steering_intervention(sae, edits: Sequence[FeatureEdit], steps: tuple[int, int] | None = None,
-                          timesteps: tuple[float, float] | None = None, mask=None, branch: str = "both",
+                          timesteps: tuple[float, float] | None = None, mask=None, branch: CfgBranch = "both",
                           hook: str | None = None) -> Intervention:
     """An :class:`~tide.sampling.Intervention` editing SAE features at the SAE's hook.
 
@@ -154,7 +152,7 @@ def steering_intervention(sae, edits: Sequence[FeatureEdit], steps: tuple[int, i
 
 def edit_generation(model, sae, conds: Sequence[int], seeds: Sequence[int], sampler_config: SamplerConfig | None,
                     edits: Sequence[FeatureEdit], from_step: int = 0, to_step: int | None = None, mask=None,
-                    branch: str = "both", hook: str | None = None, progress: bool = False,
+                    branch: CfgBranch = "both", hook: str | None = None, progress: bool = False,
                     decode: bool = True) -> tuple[SampleOutput, SampleOutput]:
     """Generate ``conds`` with ``seeds`` plainly (``before``) and again with the edits applied at steps
     [from_step, to_step) (``after``; to_step defaults to the end). Steps before ``from_step`` follow the
@@ -294,7 +292,7 @@ class SteerConfig:
     """Step after the last edited one; default: the end of the schedule."""
     mask: str | None = None
     """Spatial region of the patch grid to edit: upper, lower, left, right or centre; default: everywhere."""
-    branch: str = "both"
+    branch: CfgBranch = "both"
     """CFG rows to edit: cond, uncond or both."""
     target_class: int | None = None
     """If set, report how often the evaluation classifier says this class before and after."""

@@ -24,6 +24,7 @@ import tide
 from tide.capture.schema import (MANIFEST, PROGRESS_DIR, SCHEMA, SCHEMA_VERSION, TMP_SUFFIX, ShardRecord, progress_name,
                                  token_dtype)
 from tide.capture.writer import ShardDone, ShardWriter, StepChunk
+from tide.branches import CfgBranch, check_branch
 from tide.config import to_dict
 from tide.errors import TideError
 from tide.io import atomic_write_json, canonical_hash
@@ -54,7 +55,7 @@ class CaptureConfig(BackboneConfig):
     """Steps to record: 'all', 'every:K' (every K-th step from 0), or a list of step indices '0,10,49'."""
     token_fraction: float = 1.0
     """Fraction of image tokens kept per (sample, step), chosen at random from the sample's seed (TIDE kept 1/16)."""
-    cfg_branch: str = "cond"
+    cfg_branch: CfgBranch = "cond"
     """CFG rows to record: cond, uncond or both (uncond/both need classifier-free guidance)."""
     storage_dtype: str = "float16"
     """Storage dtype: float16 or float32."""
@@ -86,8 +87,7 @@ class CaptureConfig(BackboneConfig):
             raise TideError(f"storage_dtype must be float16 or float32, got {self.storage_dtype!r}")
         if self.on_overflow not in ("float32", "error"):
             raise TideError(f"on_overflow must be 'float32' or 'error', got {self.on_overflow!r}")
-        if self.cfg_branch not in ("cond", "uncond", "both"):
-            raise TideError(f"cfg_branch must be cond, uncond or both, got {self.cfg_branch!r}")
+        check_branch(self.cfg_branch)
         if self.resume and self.overwrite:
             raise TideError("choose one of --resume and --overwrite")
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tide.branches import BRANCHES  # noqa: F401  (the values of the cfg_branch column)
 from tide.io import TMP_SUFFIX  # noqa: F401  (the format's temporary-file suffix)
 
 SCHEMA = "tide.activations"
@@ -45,7 +46,6 @@ def token_dtype(num_tokens: int) -> np.dtype:
     """Dtype of the ``token`` column for ``num_tokens`` tokens per sample: int16 while the indices
     0..num_tokens-1 fit, else int32."""
     return np.dtype("int16") if num_tokens - 1 <= np.iinfo(np.int16).max else np.dtype("int32")
-BRANCHES = {"cond": 0, "uncond": 1}
 """``cfg_branch`` values: the conditional and the unconditional (null-condition) half."""
 
 

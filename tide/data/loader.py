@@ -16,7 +16,8 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 
-from tide.capture.schema import BRANCHES, COLUMN_DTYPES, META_COLUMNS
+from tide.branches import BRANCHES, CfgBranch, check_branch
+from tide.capture.schema import COLUMN_DTYPES, META_COLUMNS
 from tide.data.store import ActivationStore
 from tide.errors import TideError
 
@@ -48,7 +49,7 @@ class LoaderConfig:
     """Keep rows of these step indices only (0 = noisiest); None = every recorded step."""
     conds: list[int] | None = None
     """Keep rows of these condition ids only; None = every condition."""
-    cfg_branch: str = "both"
+    cfg_branch: CfgBranch = "both"
     """CFG half to keep: ``cond``, ``uncond`` or ``both``."""
     seed: int = 0
     """Seed of the block order and of the draws from the shuffle buffer."""
@@ -73,8 +74,7 @@ class LoaderConfig:
         if self.shuffle and self.shuffle_buffer < self.batch_size:
             raise TideError(f"shuffle_buffer ({self.shuffle_buffer}) must be at least batch_size ({self.batch_size}); "
                             f"raise shuffle_buffer or lower batch_size")
-        if self.cfg_branch not in ("both", *BRANCHES):
-            raise TideError(f"cfg_branch must be 'cond', 'uncond' or 'both', got {self.cfg_branch!r}")
+        check_branch(self.cfg_branch)
         if self.dtype not in TORCH_DTYPES:
             raise TideError(f"dtype must be one of {list(TORCH_DTYPES)}, got {self.dtype!r}")
         if self.epochs is not None and self.epochs < 1:

@@ -23,11 +23,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from tide.branches import CfgBranch
 from tide.device import eval_mode
 from tide.errors import TideError
 from tide.eval.frechet import frechet_distance
 from tide.eval.metrics import check_sae_hook
-from tide.hooks import BRANCH_NAMES, HookedBackbone, current_step, is_text_hook
+from tide.hooks import BRANCH_NAMES, HookedBackbone, current_step, is_text_hook, require_step
 from tide.models.base import Backbone
 from tide.sampling import Intervention, SampleOutput, SamplerConfig, Trajectory, sample
 
@@ -50,10 +51,7 @@ def splice_fn(sae, hook_name: str = "?"):
     param = next(sae.parameters())
 
     def fn(act: torch.Tensor, hook=None) -> torch.Tensor:
-        ctx = current_step()
-        if ctx is None:
-            raise TideError("the SAE splice reads the timestep from the sampler's step context: run it inside "
-                            "tide.sampling.sample (or within tide.hooks.step_context)")
+        ctx = require_step("the SAE splice")
         sae.check_width(act.shape[-1], f"hook {hook_name!r}")
         x_ND = act.reshape(-1, act.shape[-1]).to(param.device, param.dtype)
         t_N = torch.full((x_ND.shape[0],), float(ctx.timestep), device=param.device)
@@ -65,7 +63,7 @@ def splice_fn(sae, hook_name: str = "?"):
 
 
 def splice_intervention(sae, hook: str, steps: tuple[int, int] | None = None,
-                        timesteps: tuple[float, float] | None = None, branch: str = "both") -> Intervention:
+                        timesteps: tuple[float, float] | None = None, branch: CfgBranch = "both") -> Intervention:
     """An :class:`~tide.sampling.Intervention` that splices the SAE in at ``hook`` (every step by default)."""
     return Intervention(hook, splice_fn(sae, hook), steps=steps, timesteps=timesteps, branch=branch)
 
@@ -80,9 +78,7 @@ def mean_ablation_fn(hook_name: str = "?", stats=None):
         if stats is None:
             mean_D = act.reshape(-1, act.shape[-1]).mean(0)
         else:
-            ctx = current_step()
-            if ctx is None:
-                raise TideError("mean ablation at the data's timestep needs the sampler's step context")
+            ctx = require_step("mean ablation at the data's timestep")
             if stats.mean_TD.shape[-1] != act.shape[-1]:
                 raise TideError(f"hook {hook_name!r} carries width {act.shape[-1]} but the ablation statistics "
                                 f"have width {stats.mean_TD.shape[-1]}")
@@ -100,7 +96,7 @@ class DenoiserError(NamedTuple):
     hook: str
     samples: int
     guidance_scale: float
-    branch: str
+    branch: CfgBranch
     step_index_T: np.ndarray
     timesteps_T: np.ndarray
     relative_error_T: np.ndarray
@@ -163,7 +159,7 @@ class _StepFVU:
 @torch.no_grad()
 def denoiser_error(model: Backbone | HookedBackbone, sae, hook: str, conds: Sequence[int],
                    seeds: Sequence[int] | None = None, sampler_config: SamplerConfig | None = None,
-                   ablation_stats=None, branch: str = "both", progress: bool = False) -> DenoiserError:
+                   ablation_stats=None, branch: CfgBranch = "both", progress: bool = False) -> DenoiserError:
     """Relative error of the denoiser's output with the SAE spliced in at ``hook``, per step of a clean trajectory.
 
     At every step the clean output, the spliced output and the mean-ablated output are computed on
@@ -261,7 +257,7 @@ def _frechet_or_none(a, b) -> float | None:
 @torch.no_grad()
 def spliced_samples(backbone: Backbone | HookedBackbone, sae, hook: str, conds: Sequence[int],
                     seeds: Sequence[int] | None = None, sampler_config: SamplerConfig | None = None,
-                    classifier=None, real_images: torch.Tensor | None = None, branch: str = "both",
+                    classifier=None, real_images: torch.Tensor | None = None, branch: CfgBranch = "both",
                     progress: bool = False) -> SplicedSamples:
     """Sample with the SAE spliced in at ``hook`` at every step, and without, from the same seeds.
 
