@@ -73,3 +73,14 @@ def test_stats_and_dashboard_commands(tiny_dit_dir, tmp_path, capsys):
     assert "open it in a browser" in capsys.readouterr().out
     assert main(["stats", "--sae", str(tmp_path / "sae"), "--data", str(tmp_path / "ds"), "--cfg-branch", "x",
                  "--out", str(tmp_path / "s2.h5"), "--device", "cpu"]) == 2
+
+
+def test_top_level_help_imports_no_stage():
+    """`tide --help` lists every command without importing torch, diffusers or any stage."""
+    code = ("import sys\nfrom tide.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "heavy = sorted(m for m in ('torch', 'diffusers', 'transformer_lens', 'h5py', 'tide.models') if m in sys.modules)\n"
+            "print('HEAVY', heavy)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "HEAVY []" in proc.stdout
+    for name in ("hooks", "sample", "capture", "train", "eval", "stats", "dashboard", "steer", "demo", "data"):
+        assert name in proc.stdout

@@ -2,30 +2,41 @@
 
 Every subcommand takes ``--config file.yaml`` (keys = the dataclass fields) and a flag per field;
 flags override the YAML. Errors print one line and exit with status 2.
+
+Start-up stays light: the command table names each config class by its import path, and only the
+command being run (or asked for ``--help``) imports its stage; ``tide --help`` imports no stage.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 from tide.config import add_arguments, from_args
 from tide.errors import TideError
-from tide.models.loading import BackboneConfig
 
 
-@dataclass
+@dataclass(frozen=True)
 class Command:
     name: str
     help: str
-    config_cls: type
+    config: str | type
+    """The config dataclass, or its import path ``module:Class`` (imported only when the command runs)."""
     run: Callable
 
+    @property
+    def config_cls(self) -> type:
+        if isinstance(self.config, type):
+            return self.config
+        module, name = self.config.split(":")
+        return getattr(importlib.import_module(module), name)
 
-def _hooks(config: BackboneConfig) -> int:
+
+def _hooks(config) -> int:
     from tide.hooks import HookedBackbone, HookName
 
     backbone = config.load_backbone()
@@ -147,40 +158,38 @@ def _demo(config) -> int:
 
 
 def commands() -> list[Command]:
-    from tide.analysis.dashboard import DashboardConfig
-    from tide.analysis.feature_stats import FeatureStatsConfig
-    from tide.analysis.steering import SteerConfig
-    from tide.capture import CaptureConfig
-    from tide.demo import DemoConfig
-    from tide.sampling import GenerateConfig
-    from tide.eval.report import EvalConfig
-    from tide.train import TrainConfig
-
     return [
-        Command("hooks", "list every hook name of a backbone with its activation shape", BackboneConfig, _hooks),
-        Command("sample", "sample a grid of images, one row per class", GenerateConfig, _sample),
-        Command("capture", "record activations at every denoising step into HDF5 shards", CaptureConfig, _capture),
+        Command("hooks", "list every hook name of a backbone with its activation shape",
+                "tide.models.loading:BackboneConfig", _hooks),
+        Command("sample", "sample a grid of images, one row per class", "tide.sampling:GenerateConfig", _sample),
+        Command("capture", "record activations at every denoising step into HDF5 shards",
+                "tide.capture.run:CaptureConfig", _capture),
         Command("train", "train SAEs (TIDE, plain, per-bucket) on a captured dataset; SAEs from the YAML `saes` list",
-                TrainConfig, _train),
+                "tide.train.config:TrainConfig", _train),
         Command("eval", "evaluate an SAE: per-timestep reconstruction and spliced fidelity -> eval.json, eval.png",
-                EvalConfig, _eval),
-        Command("stats", "per-feature statistics of an SAE over a dataset (one streaming pass)", FeatureStatsConfig,
-                _stats),
-        Command("dashboard", "export a static HTML dashboard of SAE features (opens from file://)", DashboardConfig,
-                _dashboard),
-        Command("steer", "generate with SAE features added, clamped or ablated; before/after grid", SteerConfig, _steer),
-        Command("demo", "run the whole pipeline end to end on the embedded model", DemoConfig, _demo),
+                "tide.eval.report:EvalConfig", _eval),
+        Command("stats", "per-feature statistics of an SAE over a dataset (one streaming pass)",
+                "tide.analysis.feature_stats:FeatureStatsConfig", _stats),
+        Command("dashboard", "export a static HTML dashboard of SAE features (opens from file://)",
+                "tide.analysis.dashboard:DashboardConfig", _dashboard),
+        Command("steer", "generate with SAE features added, clamped or ablated; before/after grid",
+                "tide.analysis.steering:SteerConfig", _steer),
+        Command("demo", "run the whole pipeline end to end on the embedded model", "tide.demo:DemoConfig", _demo),
     ]
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
+def build_parser(argv: Sequence[str] | None = None) -> tuple[argparse.ArgumentParser, dict[str, Command]]:
+    """The parser and the command table. Only the command named in ``argv`` gets its flags (and imports its
+    config); with ``argv`` None every command does."""
     parser = argparse.ArgumentParser(prog="tide", description="Interpret diffusion transformers with timestep-aware sparse autoencoders.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     table = {}
+    chosen = None if argv is None else next((a for a in argv if not a.startswith("-")), "")
     for cmd in commands():
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
         p.add_argument("--config", metavar="YAML", help="YAML file with the fields below; flags override it")
-        add_arguments(p, cmd.config_cls)
+        if chosen is None or chosen == cmd.name:
+            add_arguments(p, cmd.config_cls)
         table[cmd.name] = cmd
     data = sub.add_parser("data", help="inspect captured datasets: info, verify").add_subparsers(
         dest="action", metavar="ACTION", required=True)
@@ -198,7 +207,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser, table = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser, table = build_parser(argv)
     args = parser.parse_args(argv)
     cmd = table[args.command if args.command != "data" else f"data {args.action}"]
     try:
