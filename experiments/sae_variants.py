@@ -89,7 +89,7 @@ def main() -> None:
         res = evaluate(EvalConfig(sae=str(work / "saes" / spec.name), data=str(work / "acts-eval"),
                                   out=str(work / "eval" / spec.name), max_rows=args.eval_rows,
                                   splice_samples=args.splice_samples, device=args.device), backbone=backbone,
-                       progress=False)
+                       progress=False).report
         timings[f"eval_{spec.name}_s"] = time.perf_counter() - t0
         rows.append({"sae": spec.name, "variant": spec.name.rsplit("-b", 1)[0], "hook": spec.hook, "eval": res})
         print(f"{spec.name}: FVU {res['reconstruction']['overall']['fvu']:.4f}", flush=True)

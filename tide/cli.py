@@ -117,7 +117,7 @@ def _eval(config) -> int:
     from tide.eval.report import evaluate
 
     result = evaluate(config)
-    overall = result["reconstruction"]["overall"]
+    overall = result.report["reconstruction"]["overall"]
     print(f"FVU {overall['fvu']:.4f}, L0 {overall['l0']:.1f}, dead {overall['dead_fraction']:.1%} "
           f"-> {Path(config.out) / 'eval.json'}, {Path(config.out) / 'eval.png'}")
     return 0

@@ -137,8 +137,8 @@ def run_demo(config: DemoConfig) -> dict:
         result = evaluate(EvalConfig(sae=str(out / "sae" / spec.name), data=cap.out, out=str(out / "eval" / spec.name),
                                      splice_samples=config.splice_samples, device=config.device, seed=config.seed),
                           backbone=backbone, progress=False)
-        rec = result["reconstruction"]["overall"]
-        summary["eval"][spec.name] = result
+        rec = result.report["reconstruction"]["overall"]
+        summary["eval"][spec.name] = result.report
         artefacts[f"eval_{spec.name}"] = str(out / "eval" / spec.name)
         print(f"[demo] {spec.name} SAE: FVU {rec['fvu']:.3f}, L0 {rec['l0']:.1f}, dead {rec['dead_fraction']:.1%} "
               f"-> {out / 'eval' / spec.name / 'eval.png'}")

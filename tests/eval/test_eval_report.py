@@ -30,7 +30,10 @@ def _no_nan(text):
 
 
 def test_evaluate_writes_eval_json_and_plots(run, tmp_path):
-    result = evaluate(run, progress=False)
+    typed = evaluate(run, progress=False)
+    result = typed.report
+    assert typed.out == tmp_path / "eval" and typed.fvu == result["reconstruction"]["overall"]["fvu"]
+    assert typed.denoiser_error.samples == 4 and typed.spliced_samples.pixel_mse == result["spliced_samples"]["pixel_mse"]
     out = tmp_path / "eval"
     saved = _no_nan((out / "eval.json").read_text())
     assert saved == json.loads(json.dumps(result))
@@ -51,7 +54,7 @@ def test_evaluate_writes_eval_json_and_plots(run, tmp_path):
 
 def test_evaluate_without_splice_samples_measures_reconstruction_only(run):
     result = evaluate(dataclasses.replace(run, splice_samples=0, buckets=[0.0, 500.0, 1000.0], max_rows=100),
-                      progress=False)
+                      progress=False).report
     assert "denoiser_error" not in result and result["reconstruction"]["rows"] == 100
     assert len(result["reconstruction"]["buckets"]) == 2
 

@@ -15,7 +15,7 @@ _LAZY = {
     "default_buckets": "metrics",
     "denoiser_error": "splice", "spliced_samples": "splice", "splice_intervention": "splice",
     "DenoiserError": "splice", "SplicedSamples": "splice",
-    "EvalConfig": "report", "evaluate": "report",
+    "EvalConfig": "report", "EvalResult": "report", "evaluate": "report",
 }
 
 __all__ = ["EvalClassifier", "load_classifier", "CLASS_NAMES", "load_fashion_mnist", "frechet_distance", *_LAZY]

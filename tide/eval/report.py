@@ -18,13 +18,18 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from tide.io import atomic_write_json
 from tide.config import save_yaml, to_dict
 from tide.errors import TideError
+from tide.io import atomic_write_json
+
+if TYPE_CHECKING:  # imported on use: the splice loads the backbones
+    from tide.eval.metrics import ReconstructionMetrics
+    from tide.eval.splice import DenoiserError, SplicedSamples
 
 EVAL_JSON = "eval.json"
 EVAL_PLOT = "eval.png"
@@ -94,6 +99,27 @@ def _real_images(backbone, classifier) -> tuple[torch.Tensor | None, str | None]
     return torch.from_numpy(images).float().div(255).unsqueeze(1), None
 
 
+@dataclass(frozen=True)
+class EvalResult:
+    """What `tide eval` measured: the typed measurements, and eval.json's dict (``report``) as written."""
+
+    out: Path
+    """Directory holding eval.json, eval.png (and eval_samples.png with the splice)."""
+    reconstruction: "ReconstructionMetrics"
+    """Per-bucket and per-timestep reconstruction metrics."""
+    denoiser_error: "DenoiserError | None"
+    """Denoiser error with the SAE spliced in along clean trajectories (None without the splice)."""
+    spliced_samples: "SplicedSamples | None"
+    """Generations with the SAE in the loop against clean ones (None without the splice)."""
+    report: dict
+    """eval.json's content."""
+
+    @property
+    def fvu(self) -> float:
+        """Overall fraction of variance unexplained."""
+        return float(self.reconstruction.overall.fvu)
+
+
 def plot_eval(result: dict, path: str | Path) -> Path:
     """FVU against timestep (per timestep and per bucket) and the denoiser error against timestep."""
     from tide.plots import finite_or_nan, new_figure, save_figure
@@ -134,8 +160,9 @@ def plot_eval(result: dict, path: str | Path) -> Path:
     return save_figure(fig, path, dpi=110)
 
 
-def evaluate(config: EvalConfig, backbone=None, sae=None, progress: bool = True) -> dict:
-    """Measure one SAE (reconstruction per timestep, denoiser error, spliced samples); returns eval.json's dict.
+def evaluate(config: EvalConfig, backbone=None, sae=None, progress: bool = True) -> EvalResult:
+    """Measure one SAE (reconstruction per timestep, denoiser error, spliced samples); writes eval.json and the
+    plots and returns the typed measurements with eval.json's dict.
 
     ``backbone`` / ``sae`` may be passed already loaded (notebooks, tests); otherwise they are loaded
     from ``config.backbone`` (default: the dataset manifest's) and ``config.sae``.
@@ -195,6 +222,7 @@ def evaluate(config: EvalConfig, backbone=None, sae=None, progress: bool = True)
     }
 
     # 2. splice into the backbone the data came from
+    err = spl = None
     if config.splice_samples > 0:
         captured = store.manifest.get("config", {}) or {}
         if backbone is None:
@@ -262,4 +290,4 @@ def evaluate(config: EvalConfig, backbone=None, sae=None, progress: bool = True)
     atomic_write_json(out / EVAL_JSON, result)
     if progress:
         print(f"[eval] wrote {out / EVAL_JSON} and {out / EVAL_PLOT}", flush=True)
-    return result
+    return EvalResult(out, metrics, err, spl, result)
