@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tide.analysis.feature_stats import auroc_one_vs_rest, compute_feature_stats
+from tide.analysis.feature_stats import compute_feature_stats
+from tide.analysis.ranking import auroc_one_vs_rest
 from tide.capture import CaptureConfig, capture
 from tide.data import ActivationStore
 from tide.models import load_backbone

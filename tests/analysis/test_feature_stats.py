@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tide.analysis import FeatureStats, compute_feature_stats, load_feature_stats, save_feature_stats
-from tide.analysis.feature_stats import auroc_one_vs_rest, midranks
+from tide.analysis.ranking import auroc_one_vs_rest, midranks
 from tide.capture.run import CaptureConfig, capture
 from tide.data import ActivationStore
 from tide.errors import TideError

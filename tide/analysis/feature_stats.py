@@ -38,6 +38,7 @@ import h5py
 import numpy as np
 import torch
 
+from tide.analysis.ranking import auroc_one_vs_rest, safe_ratio
 from tide.branches import BRANCHES, CfgBranch, check_branch
 from tide.io import atomic_path, canonical_hash, tensors_hash
 from tide.data import ActivationStore
@@ -126,7 +127,7 @@ class FeatureStats:
     @property
     def frequency_step(self) -> np.ndarray:
         """(S, F) the timestep profile: fraction of the rows at each step where the feature fired."""
-        return _ratio(self.fire_count_step, self.rows_per_step[:, None])
+        return safe_ratio(self.fire_count_step, self.rows_per_step[:, None])
 
     @property
     def mean_act(self) -> np.ndarray:
@@ -136,12 +137,12 @@ class FeatureStats:
     @property
     def mean_act_firing(self) -> np.ndarray:
         """(F,) mean activation over the rows where the feature fired (NaN if it never fired)."""
-        return _ratio(self.act_sum_step.sum(0), self.fire_count)
+        return safe_ratio(self.act_sum_step.sum(0), self.fire_count)
 
     @property
     def mean_act_step(self) -> np.ndarray:
         """(S, F) mean activation over the rows at each step."""
-        return _ratio(self.act_sum_step, self.rows_per_step[:, None])
+        return safe_ratio(self.act_sum_step, self.rows_per_step[:, None])
 
     @property
     def image_acts(self) -> np.ndarray:
@@ -152,48 +153,9 @@ class FeatureStats:
     def spatial_mean(self) -> np.ndarray:
         """(F, *patch_grid) mean activation at each token position (NaN where no row was processed):
         (F, rows, cols) for images, (F, frames, rows, cols) for video."""
-        mean_TF = _ratio(self.spatial_sum, self.token_rows[:, None])
+        mean_TF = safe_ratio(self.spatial_sum, self.token_rows[:, None])
         return mean_TF.T.reshape(self.num_features, *self.patch_grid)
 
-
-def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    num = np.asarray(num, dtype=np.float64)
-    den = np.broadcast_to(np.asarray(den, dtype=np.float64), num.shape)
-    out = np.full(num.shape, np.nan)
-    np.divide(num, den, out=out, where=den > 0)
-    return out
-
-
-# ---------------------------------------------------------------------- AUROC
-
-def midranks(x_NF: np.ndarray) -> np.ndarray:
-    """1-based ranks of each column's values, ties sharing the mean of their ranks."""
-    n = x_NF.shape[0]
-    order = np.argsort(x_NF, axis=0, kind="stable")
-    xs = np.take_along_axis(x_NF, order, axis=0)
-    pos = np.broadcast_to(np.arange(n)[:, None], xs.shape)
-    new = np.ones(xs.shape, dtype=bool)
-    new[1:] = xs[1:] != xs[:-1]
-    first = np.maximum.accumulate(np.where(new, pos, 0), axis=0)
-    end = np.ones(xs.shape, dtype=bool)
-    end[:-1] = new[1:]
-    last = np.flip(np.minimum.accumulate(np.flip(np.where(end, pos, n - 1), 0), axis=0), 0)
-    ranks = np.empty(xs.shape, dtype=np.float64)
-    np.put_along_axis(ranks, order, (first + last) / 2 + 1, axis=0)
-    return ranks
-
-
-def auroc_one_vs_rest(score_NF: np.ndarray, label_N: np.ndarray, num_classes: int) -> np.ndarray:
-    """(C, F) AUROC of ``score`` separating class c from the rest (Mann-Whitney U / (n1 n0))."""
-    ranks = midranks(score_NF)
-    onehot = (label_N[None, :] == np.arange(num_classes)[:, None]).astype(np.float64)
-    n1 = onehot.sum(1)[:, None]
-    n0 = len(label_N) - n1
-    u = onehot @ ranks - n1 * (n1 + 1) / 2
-    return _ratio(u, n1 * n0)
-
-
-# ---------------------------------------------------------------------- the pass
 
 def _positive_coo(latents, d_sae: int):
     """(row, feature, value) of the positive latents of a batch."""
