@@ -160,7 +160,7 @@ def _demo(config) -> int:
 def commands() -> list[Command]:
     return [
         Command("hooks", "list every hook name of a backbone with its activation shape",
-                "tide.models.loading:BackboneConfig", _hooks),
+                "tide.config:BackboneConfig", _hooks),
         Command("sample", "sample a grid of images, one row per class", "tide.sampling:GenerateConfig", _sample),
         Command("capture", "record activations at every denoising step into HDF5 shards",
                 "tide.capture.run:CaptureConfig", _capture),

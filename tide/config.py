@@ -12,6 +12,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+from dataclasses import dataclass
 import textwrap
 import types
 import typing
@@ -169,3 +170,43 @@ def from_args(cls: type[T], args: argparse.Namespace, yaml_path: str | Path | No
         if value is not None:
             data[f.name] = value
     return from_dict(cls, data)
+
+
+# ------------------------------------------------------------------------------------ shared parts of stage configs
+DEFAULT_BACKBONE = "fmnist-dit"
+"""The backbone a stage runs when none is named: the embedded model."""
+
+
+@dataclass
+class BackboneConfig:
+    """The backbone part every stage that loads a model shares: which model, and where it runs."""
+
+    backbone: str = DEFAULT_BACKBONE
+    """Embedded model name (fmnist-dit) or path to a local diffusers pipeline/transformer directory."""
+    prompts: str | None = None
+    """Prompt-embedding file (safetensors, `prompt_embeds` ...) for text-conditioned families."""
+    device: str = "auto"
+    """cpu, cuda[:N], or auto (the GPU when one is present)."""
+    dtype: str = "float32"
+    """Weight dtype of the backbone: float32, bfloat16 or float16 (bfloat16 halves the memory of large models)."""
+
+    def load_backbone(self):
+        """The backbone these fields name (:func:`tide.models.load_backbone`)."""
+        from tide.models.loading import load_backbone
+
+        return load_backbone(self.backbone, prompts=self.prompts, device=self.device, dtype=self.dtype)
+
+
+@dataclass
+class GenerationConfig:
+    """The generation part every generating stage shares (sample, capture, steer, eval, demo): how many
+    denoising steps, which guidance, and the seed of the first sample (sample ``i`` uses ``seed + i``)."""
+
+    num_steps: int = 50
+    """Denoising steps of the scheduler."""
+    guidance_scale: float | None = None
+    """Guidance scale; None = the model's default (tide.json's, else its diffusers pipeline's: DiT 4, PixArt 4.5,
+    SD3 7, FLUX.1-dev 3.5 embedded, FLUX.1-schnell 1). 1.0 runs the conditional model alone (no null-condition
+    half); guidance-distilled FLUX takes the scale as a model input instead."""
+    seed: int = 0
+    """Seed of the first sample; sample i uses seed + i."""

@@ -18,26 +18,21 @@ from pathlib import Path
 
 import torch
 
-from tide.config import save_yaml, to_dict
+from tide.config import BackboneConfig, GenerationConfig, save_yaml, to_dict
 from tide.errors import TideError
-from tide.models.loading import BackboneConfig
 from tide.sampling import SamplerConfig
 
 
 @dataclass
-class DemoConfig(BackboneConfig):
+class DemoConfig(GenerationConfig, BackboneConfig):
     """`tide demo`: every stage on a small scale."""
 
+    guidance_scale: float | None = 3.0
+    """Classifier-free guidance scale of the demo samples (the capture runs unguided, the model's default)."""
     out: str = "runs/demo"
     """Run directory; every artefact goes under it."""
     n_per_class: int = 8
     """Samples per class in the demo grid."""
-    num_steps: int = 50
-    """Denoising steps."""
-    guidance_scale: float = 3.0
-    """Classifier-free guidance scale of the demo samples."""
-    seed: int = 0
-    """Seed of the first sample."""
     capture_samples: int = 40
     """Samples whose activations the demo captures (at every step, every token)."""
     capture_hooks: list[str] | None = None

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tide.branches import CfgBranch, check_branch
+from tide.config import GenerationConfig
 from tide.errors import TideError
 from tide.hooks import BRANCH_NAMES, COND, UNCOND, HookedBackbone, StepContext, step_context
 from tide.models.base import NULL_CONDITION, Backbone
@@ -23,15 +24,9 @@ from tide.models.loading import BackboneConfig
 
 
 @dataclass
-class SamplerConfig:
-    """How to sample."""
+class SamplerConfig(GenerationConfig):
+    """How to sample: the shared generation part (steps, guidance, first seed) and the batching."""
 
-    num_steps: int = 50
-    """Denoising steps of the scheduler."""
-    guidance_scale: float | None = None
-    """Guidance scale; None = the model's default (tide.json's, else its diffusers pipeline's: DiT 4, PixArt 4.5,
-    SD3 7, FLUX.1-dev 3.5 embedded, FLUX.1-schnell 1). 1.0 runs the conditional model alone (no null-condition
-    half); guidance-distilled FLUX takes the scale as a model input instead."""
     batch_size: int = 100
     """Samples denoised together (the model sees twice as many rows under CFG)."""
     eta: float = 0.0
@@ -227,7 +222,7 @@ def sample(
     config = config or SamplerConfig()
     backbone = model.backbone if isinstance(model, HookedBackbone) else model
     conds = [int(c) for c in conds]
-    seeds = list(range(len(conds))) if seeds is None else [int(s) for s in seeds]
+    seeds = [config.seed + i for i in range(len(conds))] if seeds is None else [int(s) for s in seeds]
     if len(seeds) != len(conds):
         raise TideError(f"got {len(conds)} conditions but {len(seeds)} seeds: give one seed per sample")
     if not conds:
@@ -273,9 +268,7 @@ class GenerateConfig(SamplerConfig, BackboneConfig):
     classes: list[int] | None = None
     """Condition ids, one grid row each: class ids, or prompt ids for text families (default: all)."""
     n: int = 8
-    """Samples per condition (grid columns)."""
-    seed: int = 0
-    """Seed of the first sample; sample j of row r uses seed + r*n + j."""
+    """Samples per condition (grid columns); sample j of row r uses seed + r*n + j."""
     out: str = "grid.png"
     """Where to write the PNG grid."""
 

@@ -29,6 +29,7 @@ from typing import Sequence
 import torch
 
 from tide.branches import CfgBranch
+from tide.config import DEFAULT_BACKBONE, BackboneConfig, GenerationConfig
 from tide.device import eval_mode
 from tide.errors import TideError
 from tide.eval.metrics import check_sae_hook
@@ -265,13 +266,15 @@ class SteerResult:
 
 
 @dataclass
-class SteerConfig:
+class SteerConfig(GenerationConfig, BackboneConfig):
     """`tide steer`: generate with SAE features turned up, clamped or ablated, and compare with the originals."""
 
-    sae: str = "runs/sae/tide"
-    """SAE directory; its hook is where the edit happens."""
     backbone: str | None = None
     """Backbone (embedded name or checkpoint directory); default: the one the SAE was trained on."""
+    num_steps: int = 30
+    """Denoising steps."""
+    sae: str = "runs/sae/tide"
+    """SAE directory; its hook is where the edit happens."""
     features: list[int] | None = None
     """Feature ids to edit (required)."""
     mode: str = "add"
@@ -284,8 +287,6 @@ class SteerConfig:
     """Classes (condition ids) to generate; default: all."""
     n: int = 4
     """Samples per class."""
-    seed: int = 0
-    """Seed of the first sample."""
     from_step: int = 0
     """First denoising step with the edit."""
     to_step: int | None = None
@@ -296,16 +297,8 @@ class SteerConfig:
     """CFG rows to edit: cond, uncond or both."""
     target_class: int | None = None
     """If set, report how often the evaluation classifier says this class before and after."""
-    num_steps: int = 30
-    """Denoising steps."""
-    guidance_scale: float | None = None
-    """Guidance scale; None = the model's default."""
     out: str = "runs/steer.png"
     """Before/after grid (PNG); a JSON summary is written beside it."""
-    device: str = "auto"
-    """cpu, cuda[:N], or auto."""
-    dtype: str = "float32"
-    """Weight dtype of the backbone: float32, bfloat16 or float16."""
 
     def run(self) -> SteerResult:
         import json
@@ -316,8 +309,8 @@ class SteerConfig:
         if not self.features:
             raise TideError("name the features to edit: --features 12,40")
         sae = load_sae(self.sae, device="cpu")
-        backbone = load_backbone(self.backbone or sae.cfg.backbone or "fmnist-dit", device=self.device,
-                                 dtype=self.dtype)
+        backbone = load_backbone(self.backbone or sae.cfg.backbone or DEFAULT_BACKBONE, prompts=self.prompts,
+                                 device=self.device, dtype=self.dtype)
         sae = sae.to(backbone.device)
         edits = [FeatureEdit(int(f), mode=self.mode, alpha=self.alpha, value=self.value) for f in self.features]
         classes = list(range(backbone.num_conditions)) if self.classes is None else list(self.classes)

@@ -25,7 +25,7 @@ from tide.capture.schema import (MANIFEST, PROGRESS_DIR, SCHEMA, SCHEMA_VERSION,
                                  token_dtype)
 from tide.capture.writer import ShardDone, ShardWriter, StepChunk
 from tide.branches import CfgBranch, check_branch
-from tide.config import to_dict
+from tide.config import GenerationConfig, to_dict
 from tide.errors import TideError
 from tide.io import atomic_write_json, canonical_hash
 from tide.hooks import BRANCH_NAMES, HookedBackbone, current_step, is_text_hook
@@ -35,7 +35,7 @@ from tide.sampling import Intervention, SamplerConfig, sample
 
 
 @dataclass
-class CaptureConfig(BackboneConfig):
+class CaptureConfig(GenerationConfig, BackboneConfig):
     """`tide capture`: which activations to record, from which samples, into which directory."""
 
     out: str = "runs/capture"
@@ -46,11 +46,6 @@ class CaptureConfig(BackboneConfig):
     """Condition ids to cycle through (class ids, or prompt ids for text families); default: all."""
     num_samples: int = 160
     """Samples to generate; sample i has condition classes[i % len(classes)] and seed seed + i."""
-    num_steps: int = 50
-    """Denoising steps."""
-    guidance_scale: float | None = None
-    """Guidance scale; None = the model's default (see `tide sample --help`); 1.0 = no unconditional half.
-    The manifest records the value used."""
     record_steps: str = "all"
     """Steps to record: 'all', 'every:K' (every K-th step from 0), or a list of step indices '0,10,49'."""
     token_fraction: float = 1.0
@@ -63,8 +58,6 @@ class CaptureConfig(BackboneConfig):
     """When float16 would overflow: 'float32' (store that hook's shard in float32) or 'error'."""
     samples_per_shard: int = 16
     """Samples per shard; a shard's samples are denoised as one batch."""
-    seed: int = 0
-    """Seed of sample 0."""
     resume: bool = False
     """Continue an interrupted capture in `out` (refused if the config differs)."""
     overwrite: bool = False

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from tide.config import save_yaml, to_dict
+from tide.config import BackboneConfig, GenerationConfig, save_yaml, to_dict
 from tide.errors import TideError
 from tide.io import atomic_write_json
 
@@ -39,9 +39,17 @@ MAX_GRID_COLUMNS = 8
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(GenerationConfig, BackboneConfig):
     """`tide eval`: how well an SAE reconstructs its hook, per timestep, and with it spliced into generation."""
 
+    backbone: str | None = None
+    """Backbone to splice the SAE into; default: the one named in the dataset's manifest."""
+    dtype: str | None = None
+    """Weight dtype of the backbone; default: the capture's."""
+    num_steps: int | None = None
+    """Denoising steps of the spliced generations; default: the capture's."""
+    guidance_scale: float | None = None
+    """Guidance scale of the spliced generations; default: the capture's."""
     sae: str = "runs/sae/tide"
     """SAE directory (cfg.json + sae.safetensors), e.g. one SAE under `tide train`'s output directory."""
     data: str = "runs/capture"
@@ -50,26 +58,16 @@ class EvalConfig:
     """Output directory for eval.json, eval.png and eval_samples.png."""
     hook: str | None = None
     """Hook to evaluate; default: the one the SAE was trained on (an SAE of another hook is refused)."""
-    backbone: str | None = None
-    """Backbone to splice the SAE into; default: the one named in the dataset's manifest."""
     buckets: list[float] | None = None
     """Timestep bucket edges, e.g. 0,200,400,600,800,1000; default: 5 equal ranges over [0, the SAE's t_max]."""
     max_rows: int | None = None
-    """Rows of the dataset to measure reconstruction on (a shuffled subset); None = every row."""
+    """Rows of the dataset to measure reconstruction on (a subset shuffled with `seed`); None = every row."""
     dense_threshold: float = 0.1
     """A latent firing on more than this fraction of rows counts as dense."""
     batch_size: int = 4096
     """Rows per SAE batch while measuring reconstruction."""
     splice_samples: int = 4
     """Samples per condition generated with and without the SAE spliced in (0 skips the splice measurements)."""
-    num_steps: int | None = None
-    """Denoising steps of the spliced generations; default: the capture's."""
-    guidance_scale: float | None = None
-    """Classifier-free guidance scale of the spliced generations; default: the capture's."""
-    device: str = "auto"
-    """cpu, cuda[:N], or auto (the GPU when one is present)."""
-    seed: int = 0
-    """Seed of the first spliced sample (sample i uses seed + i) and of the row subset."""
 
     def validate(self) -> "EvalConfig":
         if self.max_rows is not None and self.max_rows < 1:
@@ -230,8 +228,8 @@ def evaluate(config: EvalConfig, backbone=None, sae=None, progress: bool = True)
             if not spec:
                 raise TideError(f"the manifest of {store.path} names no backbone: give --backbone")
             try:
-                backbone = load_backbone(spec, prompts=captured.get("prompts"), device=device,
-                                         dtype=captured.get("dtype", "float32"))
+                backbone = load_backbone(spec, prompts=config.prompts or captured.get("prompts"), device=device,
+                                         dtype=config.dtype or captured.get("dtype", "float32"))
             except TideError as exc:
                 raise TideError(f"cannot load backbone {spec!r} named in the manifest of {store.path}: {exc} "
                                 "(pass the capture's backbone with --backbone)") from None

@@ -4,12 +4,12 @@ transformer directory. Nothing here touches the network."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import diffusers
 import torch
 
+from tide.config import DEFAULT_BACKBONE, BackboneConfig  # noqa: F401  (re-exported)
 from tide.device import resolve_device
 from tide.errors import TideError
 from tide.models.base import Backbone, PromptBank
@@ -18,7 +18,6 @@ from tide.models.registry import FAMILIES, family_for_class
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EMBEDDED = {"fmnist-dit": ASSETS / "fmnist-dit"}
 """Embedded models that ship inside the package, by name."""
-DEFAULT_BACKBONE = "fmnist-dit"
 TIDE_META = "tide.json"
 """Optional file beside a checkpoint with tide metadata (class names, pixel scale, classifier)."""
 PROMPTS_FILE = "prompt_embeds.safetensors"
@@ -165,20 +164,3 @@ def load_backbone(spec: str | Path = DEFAULT_BACKBONE, *, prompts: str | Path | 
 
 def _supported() -> str:
     return ", ".join(c.transformer_class.__name__ for c in FAMILIES.values())
-
-
-@dataclass
-class BackboneConfig:
-    """Which model to run, and where."""
-
-    backbone: str = DEFAULT_BACKBONE
-    """Embedded model name (fmnist-dit) or path to a local diffusers pipeline/transformer directory."""
-    prompts: str | None = None
-    """Prompt-embedding file (safetensors, `prompt_embeds` ...) for text-conditioned families."""
-    device: str = "auto"
-    """cpu, cuda[:N], or auto (the GPU when one is present)."""
-    dtype: str = "float32"
-    """Weight dtype of the backbone: float32, bfloat16 or float16 (bfloat16 halves the memory of large models)."""
-
-    def load_backbone(self) -> Backbone:
-        return load_backbone(self.backbone, prompts=self.prompts, device=self.device, dtype=self.dtype)
