@@ -27,6 +27,7 @@ import torch
 from torch.nn import functional as F
 
 from tide.data import ActivationLoader, ActivationStore, LoaderConfig
+from tide.device import eval_mode
 from tide.errors import TideError
 from tide.timesteps import bucket_of
 
@@ -259,10 +260,8 @@ def reconstruction_metrics(sae, data, hook: str | None = None, buckets: Sequence
     fired_KF = torch.zeros(n_b + 1, d_sae, dtype=torch.float64, device=device)  # last row: every row
     rows_K = torch.zeros(n_b + 1, dtype=torch.float64, device=device)
 
-    was_training = sae.training
-    sae.eval()
     seen = 0
-    try:
+    with eval_mode(sae):
         for x_BD, t_B in rows:
             if max_rows is not None:
                 x_BD, t_B = x_BD[:max_rows - seen], t_B[:max_rows - seen]
@@ -293,8 +292,6 @@ def reconstruction_metrics(sae, data, hook: str | None = None, buckets: Sequence
             seen += len(x_BD)
             if max_rows is not None and seen >= max_rows:
                 break
-    finally:
-        sae.train(was_training)
     if seen == 0:
         raise TideError(f"no rows of hook {hook!r} were read: the data is empty or its filters keep nothing")
 
