@@ -42,7 +42,7 @@ from tide.analysis.ranking import auroc_one_vs_rest, safe_ratio
 from tide.branches import BRANCHES, CfgBranch, check_branch
 from tide.io import atomic_path, canonical_hash, tensors_hash
 from tide.data import ActivationStore
-from tide.device import resolve_device
+from tide.device import eval_mode, resolve_device
 from tide.errors import TideError
 
 SCHEMA = "tide.feature_stats"
@@ -256,10 +256,8 @@ def compute_feature_stats(sae, store_or_path, hook: str | None = None, top_k: in
     total = sum(s.rows for s in store.shards)
     bar = tqdm(total=total, unit="row", disable=not progress, desc="feature stats")
     processed = 0
-    was_training = sae.training
-    sae.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(sae):
             for _, _, acts, meta in store.iter_blocks([hook], COLUMNS, block_rows=batch_size):
                 bar.update(len(meta["timestep"]))
                 keep = None if cfg_branch is None else meta["cfg_branch"] == cfg_branch
@@ -306,7 +304,6 @@ def compute_feature_stats(sae, store_or_path, hook: str | None = None, top_k: in
                 best_meta = torch.cat([best_meta, bmeta], 2).gather(2, which[None].expand(4, F, K))
     finally:
         bar.close()
-        sae.train(was_training)
     if processed == 0:
         raise TideError(f"{store.path}: no rows of CFG branch {cfg_branch} to analyse (pass cfg_branch=None for all)")
 
