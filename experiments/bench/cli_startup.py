@@ -20,9 +20,13 @@ COMMANDS = {"help": ["--help"], "error": ["hooks", "--backbone", "/no/such/dir"]
 
 
 def run_once(tree: Path, argv: list[str]) -> float:
+    # run from the tree itself: `python -m` puts the working directory ahead of PYTHONPATH
     env = {**os.environ, "PYTHONPATH": str(tree)}
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "tide.cli", *argv], env=env, capture_output=True, check=False)
+    proc = subprocess.run([sys.executable, "-m", "tide.cli", *argv], env=env, cwd=tree, capture_output=True, text=True,
+                          check=False)
+    if proc.returncode not in (0, 2) or (proc.returncode == 2 and "error:" not in proc.stderr):
+        raise RuntimeError(f"tide {' '.join(argv)} in {tree} failed: {proc.stderr[-500:]}")
     return time.perf_counter() - start
 
 
