@@ -84,3 +84,11 @@ def test_top_level_help_imports_no_stage():
     assert "HEAVY []" in proc.stdout
     for name in ("hooks", "sample", "capture", "train", "eval", "stats", "dashboard", "steer", "demo", "data"):
         assert name in proc.stdout
+
+
+def test_a_backbone_that_does_not_exist_is_refused_before_any_model_import(tmp_path):
+    code = ("import sys\nfrom tide.cli import main\nrc = main(['hooks', '--backbone', 'no-such-model'])\n"
+            "print('RC', rc, 'HEAVY', sorted(m for m in ('torch', 'diffusers', 'transformer_lens') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
+    assert "RC 2 HEAVY []" in proc.stdout
+    assert "no embedded model or checkpoint directory named 'no-such-model'" in proc.stderr

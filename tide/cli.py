@@ -37,6 +37,9 @@ class Command:
 
 
 def _hooks(config) -> int:
+    from tide.config import resolve_backbone_path
+
+    resolve_backbone_path(config.backbone)  # a bad name costs no model imports
     from tide.hooks import HookedBackbone, HookName
 
     backbone = config.load_backbone()

@@ -12,10 +12,10 @@ import argparse
 import ast
 import dataclasses
 import inspect
-from dataclasses import dataclass
 import textwrap
 import types
 import typing
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
@@ -175,6 +175,28 @@ def from_args(cls: type[T], args: argparse.Namespace, yaml_path: str | Path | No
 # ------------------------------------------------------------------------------------ shared parts of stage configs
 DEFAULT_BACKBONE = "fmnist-dit"
 """The backbone a stage runs when none is named: the embedded model."""
+ASSETS = Path(__file__).resolve().parent / "assets"
+EMBEDDED = {"fmnist-dit": ASSETS / "fmnist-dit"}
+"""Embedded models that ship inside the package, by name."""
+
+
+def resolve_backbone_path(spec: str | Path) -> Path:
+    """The directory behind an embedded name or a path, with a clear error when there is none."""
+    if str(spec) in EMBEDDED:
+        path = EMBEDDED[str(spec)]
+        if not (path / "model_index.json").exists():
+            raise TideError(f"embedded model {spec!r} is missing its weights at {path}: "
+                            "reinstall tide or run experiments/train_embedded.py")
+        return path
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise TideError(f"no embedded model or checkpoint directory named {str(spec)!r}: embedded "
+                        f"models are {sorted(EMBEDDED)}; otherwise pass the path of a local diffusers "
+                        "pipeline directory (with model_index.json) or transformer directory (with config.json)")
+    if not path.is_dir():
+        raise TideError(f"{path} is a file: pass the checkpoint *directory* (with model_index.json "
+                        "or config.json)")
+    return path
 
 
 @dataclass
@@ -191,7 +213,9 @@ class BackboneConfig:
     """Weight dtype of the backbone: float32, bfloat16 or float16 (bfloat16 halves the memory of large models)."""
 
     def load_backbone(self):
-        """The backbone these fields name (:func:`tide.models.load_backbone`)."""
+        """The backbone these fields name (:func:`tide.models.load_backbone`); a name that is neither an
+        embedded model nor a directory is refused before torch and diffusers are imported."""
+        resolve_backbone_path(self.backbone)
         from tide.models.loading import load_backbone
 
         return load_backbone(self.backbone, prompts=self.prompts, device=self.device, dtype=self.dtype)

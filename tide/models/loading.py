@@ -9,38 +9,16 @@ from pathlib import Path
 import diffusers
 import torch
 
-from tide.config import DEFAULT_BACKBONE, BackboneConfig  # noqa: F401  (re-exported)
+from tide.config import ASSETS, DEFAULT_BACKBONE, EMBEDDED, BackboneConfig, resolve_backbone_path  # noqa: F401
 from tide.device import resolve_device
 from tide.errors import TideError
 from tide.models.base import Backbone, PromptBank
 from tide.models.registry import FAMILIES, family_for_class
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-EMBEDDED = {"fmnist-dit": ASSETS / "fmnist-dit"}
-"""Embedded models that ship inside the package, by name."""
 TIDE_META = "tide.json"
 """Optional file beside a checkpoint with tide metadata (class names, pixel scale, classifier)."""
 PROMPTS_FILE = "prompt_embeds.safetensors"
 """Prompt-embedding file picked up from a text-family checkpoint directory when present."""
-
-
-def resolve_backbone_path(spec: str | Path) -> Path:
-    """The directory behind an embedded name or a path, with a clear error when there is none."""
-    if str(spec) in EMBEDDED:
-        path = EMBEDDED[str(spec)]
-        if not (path / "model_index.json").exists():
-            raise TideError(f"embedded model {spec!r} is missing its weights at {path}: "
-                            "reinstall tide or run experiments/train_embedded.py")
-        return path
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise TideError(f"no embedded model or checkpoint directory named {str(spec)!r}: embedded "
-                        f"models are {sorted(EMBEDDED)}; otherwise pass the path of a local diffusers "
-                        "pipeline directory (with model_index.json) or transformer directory (with config.json)")
-    if not path.is_dir():
-        raise TideError(f"{path} is a file: pass the checkpoint *directory* (with model_index.json "
-                        "or config.json)")
-    return path
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
