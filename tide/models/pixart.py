@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMScheduler, PixArtTransformer2DModel
 
-from tide.models.base import BlockSpec
 from tide.models.text import TextBackbone
 
 
@@ -25,14 +24,6 @@ class PixArtBackbone(TextBackbone):
     def default_scheduler():
         # PixArt is trained with the linear DDPM schedule (DDIM's default betas); clip_sample ruins CFG.
         return DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
-
-    def latent_shape(self):
-        cfg = self.transformer.config
-        return (int(cfg.in_channels), *self.latent_hw(int(cfg.sample_size)))
-
-    def blocks(self):
-        return [BlockSpec(i, b, type(b).__name__, joint=False)
-                for i, b in enumerate(self.transformer.transformer_blocks)]
 
     def prompt_dims(self):
         cfg = self.transformer.config

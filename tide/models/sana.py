@@ -18,7 +18,6 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, SanaTransformer2DModel
 
 from tide.errors import TideError
-from tide.models.base import BlockSpec
 from tide.models.text import TextBackbone
 
 
@@ -28,6 +27,7 @@ class SanaBackbone(TextBackbone):
     pipeline_guidance_scale = 4.5  # SanaPipeline
     prompt_keys = {"prompt_embeds": "encoder_hidden_states"}
     optional_prompt_keys = {"prompt_attention_mask": "encoder_attention_mask"}
+    block_mlp = None  # its feed-forward sees (D, rows, cols) maps, not tokens: no hook_mlp_out
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -45,14 +45,6 @@ class SanaBackbone(TextBackbone):
     @property
     def latent_dtype(self) -> torch.dtype:
         return torch.float32  # SanaPipeline: float32 latents, the transformer's output upcast
-
-    def latent_shape(self):
-        cfg = self.transformer.config
-        return (int(cfg.in_channels), *self.latent_hw(int(cfg.sample_size)))
-
-    def blocks(self):
-        return [BlockSpec(i, b, type(b).__name__, joint=False, mlp_name=None)
-                for i, b in enumerate(self.transformer.transformer_blocks)]
 
     def prompt_dims(self):
         return {"prompt_embeds": int(self.transformer.config.caption_channels)}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
-from tide.models.base import BlockSpec
 from tide.models.text import TextBackbone, calculate_shift
 
 
@@ -26,13 +25,7 @@ class SD3Backbone(TextBackbone):
     def default_scheduler():
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
 
-    def latent_shape(self):
-        cfg = self.transformer.config
-        return (int(cfg.in_channels), *self.latent_hw(int(cfg.sample_size)))
-
-    def blocks(self):
-        return [BlockSpec(i, b, type(b).__name__, joint=True)
-                for i, b in enumerate(self.transformer.transformer_blocks)]
+    joint_blocks = True  # JointTransformerBlock: image and text streams
 
     def prompt_dims(self):
         cfg = self.transformer.config

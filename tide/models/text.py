@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 
 from tide.errors import TideError
-from tide.models.base import Backbone
+from tide.models.base import Backbone, BlockSpec
 
 
 def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
@@ -71,6 +71,20 @@ class TextBackbone(Backbone):
         return self.prompt_inputs(conds_B)
 
     # ----------------------------------------------------------------------------- geometry
+    joint_blocks: ClassVar[bool] = False
+    """Whether ``transformer.transformer_blocks`` are two-stream (image + text) blocks."""
+    block_mlp: ClassVar[str | None] = "ff"
+    """The feed-forward child of a single-stream block that ``hook_mlp_out`` hooks (None: no such hook)."""
+
+    def latent_shape(self):
+        """(in_channels, H, W): the transformer's ``sample_size`` unless tide.json sets ``latent_size``."""
+        cfg = self.transformer.config
+        return (int(cfg.in_channels), *self.latent_hw(int(cfg.sample_size)))
+
+    def blocks(self):
+        return [BlockSpec(i, b, type(b).__name__, joint=self.joint_blocks, mlp_name=self.block_mlp)
+                for i, b in enumerate(self.transformer.transformer_blocks)]
+
     def latent_hw(self, default: int) -> tuple[int, int]:
         """(height, width) of the latents: ``meta["latent_size"]`` when set, else ``default``."""
         size = self.meta.get("latent_size", default)
