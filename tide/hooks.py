@@ -2,16 +2,16 @@
 
 Hook names follow TransformerLens:
 
-* single-stream blocks (DiT, PixArt, Wan): ``blocks.{i}.hook_resid_pre`` (block input),
+* single-stream blocks (DiT, PixArt, SANA, Wan): ``blocks.{i}.hook_resid_pre`` (block input),
   ``blocks.{i}.hook_resid_post`` (block output), ``blocks.{i}.hook_attn_out`` (self-attention
   output) and ``blocks.{i}.hook_mlp_out`` (feed-forward output), where the block has the modules
   its :class:`~tide.models.base.BlockSpec` names (``attn_name``, ``mlp_name``: ``attn1``/``ff`` in
-  diffusers' image blocks, ``attn1``/``ffn`` in Wan's). In adaLN blocks the attention and MLP
+  diffusers' image blocks, ``attn1``/``ffn`` in Wan's; SANA's convolutional feed-forward has none). In adaLN blocks the attention and MLP
   outputs are taken *before* the adaLN gate multiplies them into the residual stream.
-* two-stream blocks (SD3, FLUX): ``blocks.{i}.hook_img_resid_pre/post`` and
+* two-stream blocks (SD3, FLUX, Qwen-Image): ``blocks.{i}.hook_img_resid_pre/post`` and
   ``blocks.{i}.hook_txt_resid_pre/post``. FLUX's single-stream blocks continue the numbering after
   the double-stream blocks and expose the same four names (diffusers splits their stream back into
-  text and image parts).
+  text and image parts). SD3's last block returns no text stream, so it has no ``hook_txt_resid_post``.
 
 Activations are (batch, tokens, d_model); image tokens are patches in row-major order over the
 backbone's ``patch_grid``: (row, col) for images, (frame, row, col) for video.
