@@ -9,7 +9,7 @@ from pathlib import Path
 import diffusers
 import torch
 
-from tide.config import ASSETS, DEFAULT_BACKBONE, EMBEDDED, BackboneConfig, resolve_backbone_path  # noqa: F401
+from tide.config import DEFAULT_BACKBONE, EMBEDDED, BackboneConfig, resolve_backbone_path  # noqa: F401  (BackboneConfig re-exported)
 from tide.device import resolve_device
 from tide.errors import TideError
 from tide.models.base import Backbone, PromptBank
@@ -100,6 +100,7 @@ def load_backbone(spec: str | Path = DEFAULT_BACKBONE, *, prompts: str | Path | 
     scheduler = vae = None
     if (path / "model_index.json").exists():
         index = _read_json(path / "model_index.json")
+        meta["pipeline_index"] = index  # pipeline-level settings (e.g. Wan's expand_timesteps) for the adapter
         entry = index.get("transformer")
         if not entry or entry[1] is None:
             raise TideError(f"{path}/model_index.json lists no transformer: tide needs a transformer-based "

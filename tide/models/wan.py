@@ -33,8 +33,6 @@ per token) is supported; two-expert Wan 2.2 pipelines (``transformer_2``/``bound
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,7 +60,7 @@ class WanBackbone(TextBackbone):
 
     def __init__(self, transformer, scheduler, vae=None, meta=None, prompts=None):
         super().__init__(transformer, scheduler, vae, meta, prompts)
-        index = _pipeline_config(self.meta.get("path"))
+        index = self.meta.get("pipeline_index", {})  # model_index.json, as load_backbone read it
         if index.get("boundary_ratio") is not None or (index.get("transformer_2") or [None, None])[1]:
             raise TideError(f"{self.meta.get('path')}: two-expert Wan 2.2 pipelines (transformer_2, boundary_ratio) "
                             "are not supported: load a single-transformer Wan pipeline (Wan 2.1, Wan 2.2 TI2V)")
@@ -163,13 +161,3 @@ class WanBackbone(TextBackbone):
         inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
         video = self.vae.decode(latents / inv_std + mean, return_dict=False)[0]
         return (video * 0.5 + 0.5).clamp(0, 1).float()
-
-
-def _pipeline_config(path: str | None) -> dict:
-    """The pipeline-level settings in ``model_index.json`` (``expand_timesteps``, ``boundary_ratio``), if any."""
-    if not path or not (Path(path) / "model_index.json").is_file():
-        return {}
-    try:
-        return json.loads((Path(path) / "model_index.json").read_text())
-    except (OSError, ValueError):
-        return {}  # loading.py already read it; a damaged file was reported there
