@@ -69,9 +69,11 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """A temporary directory to fill and then rename over ``path`` (which must not exist or be a
-    directory tide may replace). Files written inside should be closed before the block ends; they
-    are fsynced with the directory."""
+    """A temporary directory to fill and then rename to ``path``. Files written inside should be closed
+    before the block ends; they are fsynced with the directory. The rename is atomic only when
+    ``path`` does not exist yet (an existing directory is removed first: directories cannot be renamed
+    over one another atomically), so write each version under a new name and switch a pointer file
+    with :func:`atomic_write_bytes`, as the trainer's checkpoints do."""
     path = Path(path)
     tmp = path.with_name(path.name + TMP_SUFFIX)
     shutil.rmtree(tmp, ignore_errors=True)
