@@ -1,16 +1,22 @@
-"""`tide demo` (what the README's first command runs), end to end on the embedded model at a small size."""
+"""`tide demo` (what the README's first command runs), end to end on each embedded model at a small size."""
 
 import json
+
+import pytest
 
 from tide.cli import main
 
 
-def test_demo_runs_every_stage_and_reports_its_artefacts(tmp_path, capsys):
+@pytest.mark.parametrize("backbone", [None, "fmnist-dit"])  # None: the default, fmnist-pixart
+def test_demo_runs_every_stage_and_reports_its_artefacts(backbone, tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--n-per-class", "1", "--num-steps", "8", "--capture-samples", "10",
+    assert main(["demo", *(["--backbone", backbone] if backbone else []), "--out", str(out), "--n-per-class", "1",
+                 "--num-steps", "8", "--capture-samples", "10",
                  "--train-steps", "20", "--d-sae", "256", "--k", "8", "--splice-samples", "1", "--dashboard-features", "3",
                  "--device", "cpu"]) == 0
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["backbone"]["name"] == (backbone or "fmnist-pixart")
+    assert summary["backbone"]["family"] == ("dit" if backbone else "pixart")
     for key in ("hooks", "samples", "activations", "sae", "eval_tide", "eval_plain", "feature_stats", "dashboard", "steering"):
         assert key in summary["artefacts"]
     assert (out / "samples.png").stat().st_size > 1000

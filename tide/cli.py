@@ -49,6 +49,12 @@ def _hooks(config) -> int:
           f"d_model={backbone.d_model}, {backbone.num_tokens} image tokens "
           f"({'x'.join(map(str, backbone.patch_grid))} patches"
           f"{': frames x rows x cols, token = (frame * rows + row) * cols + col' if backbone.is_video else ''})")
+    names = backbone.condition_names
+    print(f"# conditions (--classes ids): " + ", ".join(f"{i}={n}" for i, n in enumerate(names[:20]))
+          + (", ..." if len(names) > 20 else ""))
+    if backbone.vocabulary is not None:
+        print(f"# prompts as text (--prompts 'dark trouser; large bag'), at most one word per group: "
+              + "; ".join(f"{g}: {', '.join(w)}" for g, w in backbone.vocabulary.groups.items()))
     width = max(map(len, hooked.hook_names))
     for name in hooked.hook_names:
         spec = hooked.block_specs[HookName.parse(name).block]

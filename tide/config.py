@@ -173,11 +173,14 @@ def from_args(cls: type[T], args: argparse.Namespace, yaml_path: str | Path | No
 
 
 # ------------------------------------------------------------------------------------ shared parts of stage configs
-DEFAULT_BACKBONE = "fmnist-dit"
+DEFAULT_BACKBONE = "fmnist-pixart"
 """The backbone a stage runs when none is named: the embedded model."""
 ASSETS = Path(__file__).resolve().parent / "assets"
-EMBEDDED = {"fmnist-dit": ASSETS / "fmnist-dit"}
-"""Embedded models that ship inside the package, by name."""
+EMBEDDED = {"fmnist-dit": ASSETS / "fmnist-dit", "fmnist-pixart": ASSETS / "fmnist-pixart"}
+"""Embedded models that ship inside the package, by name: ``fmnist-dit`` (class-conditional, DiT-XL/2-like:
+the class enters every block through adaLN) and ``fmnist-pixart`` (PixArt-like: prompts over a small
+vocabulary enter through cross-attention, adaLN-single carries the timestep)."""
+TRAINING_SCRIPTS = {"fmnist-dit": "experiments/train_embedded.py", "fmnist-pixart": "experiments/train_fmnist_pixart.py"}
 
 
 def resolve_backbone_path(spec: str | Path) -> Path:
@@ -186,7 +189,7 @@ def resolve_backbone_path(spec: str | Path) -> Path:
         path = EMBEDDED[str(spec)]
         if not (path / "model_index.json").exists():
             raise TideError(f"embedded model {spec!r} is missing its weights at {path}: "
-                            "reinstall tide or run experiments/train_embedded.py")
+                            f"reinstall tide or run {TRAINING_SCRIPTS.get(str(spec), 'its training script')}")
         return path
     path = Path(spec).expanduser()
     if not path.exists():
@@ -204,9 +207,11 @@ class BackboneConfig:
     """The backbone part every stage that loads a model shares: which model, and where it runs."""
 
     backbone: str = DEFAULT_BACKBONE
-    """Embedded model name (fmnist-dit) or path to a local diffusers pipeline/transformer directory."""
+    """Embedded model name (fmnist-dit, fmnist-pixart) or path to a local diffusers pipeline/transformer directory."""
     prompts: str | None = None
-    """Prompt-embedding file (safetensors, `prompt_embeds` ...) for text-conditioned families."""
+    """Prompts of a text-conditioned family, condition i being the i-th: a prompt-embedding file (safetensors,
+    `prompt_embeds` ...), or, for a backbone with a vocabulary text encoder (fmnist-pixart), the prompts as
+    text separated by `;` (e.g. `dark trouser; light bag`). Default: the checkpoint's own prompt_embeds.safetensors."""
     device: str = "auto"
     """cpu, cuda[:N], or auto (the GPU when one is present)."""
     dtype: str = "float32"

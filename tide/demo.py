@@ -1,6 +1,6 @@
-"""`tide demo`: the whole pipeline end to end on the embedded model, into one run directory.
+"""`tide demo`: the whole pipeline end to end on an embedded model (default fmnist-pixart), into one run directory.
 
-Stages so far: load the embedded DiT, list its hooks, sample a class-conditional grid with
+Stages: load the embedded model, list its hooks, sample a grid of its ten class conditions with
 classifier-free guidance, score the samples with the evaluation classifier, capture the
 residual stream at every denoising step into an HDF5 dataset (verified and summarised), train a
 TIDE and a plain SAE on it in one pass, evaluate both (per-timestep FVU, spliced fidelity), map the
@@ -28,7 +28,7 @@ class DemoConfig(GenerationConfig, BackboneConfig):
     """`tide demo`: every stage on a small scale."""
 
     guidance_scale: float | None = 3.0
-    """Classifier-free guidance scale of the demo samples (the capture runs unguided, the model's default)."""
+    """Classifier-free guidance scale of the demo samples (the capture runs at the model's default: 3 for fmnist-pixart, 1 for fmnist-dit)."""
     out: str = "runs/demo"
     """Run directory; every artefact goes under it."""
     n_per_class: int = 8

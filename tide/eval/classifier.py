@@ -139,7 +139,7 @@ def load_classifier(backbone, device: str | torch.device = "cpu") -> EvalClassif
     if not rel:
         raise TideError(f"backbone {name!r} ships no evaluation classifier (no 'classifier' entry in its "
                         "tide.json): class agreement and Fréchet distance need one; use the embedded "
-                        "model 'fmnist-dit' or add a classifier directory to the checkpoint")
+                        "models (fmnist-pixart, fmnist-dit) or add a classifier directory to the checkpoint")
     path = Path(rel)
     if not path.is_absolute():
         if "path" not in meta:

@@ -65,6 +65,9 @@ class Backbone(nn.Module, abc.ABC):
     """True when conditions index a prompt-embedding file instead of class labels."""
     pipeline_guidance_scale: ClassVar[float] = 1.0
     """Default guidance scale of the family's diffusers pipeline (1.0 = no classifier-free guidance)."""
+    vocabulary: Any = None
+    """The checkpoint's vocabulary text encoder (:class:`tide.models.vocabulary.Vocabulary`) when it ships one
+    (``fmnist-pixart``): prompts over its words are encoded offline. None for other checkpoints."""
 
     def __init__(
         self,

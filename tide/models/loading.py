@@ -80,7 +80,8 @@ def _from_pretrained(cls, path: Path, what: str, **kwargs):
                         "and safetensors weights (nothing is downloaded)") from None
 
 
-def load_backbone(spec: str | Path = DEFAULT_BACKBONE, *, prompts: str | Path | PromptBank | None = None,
+def load_backbone(spec: str | Path = DEFAULT_BACKBONE, *,
+                  prompts: str | Path | PromptBank | list[str] | None = None,
                   device: str | torch.device | None = "auto", dtype: str | torch.dtype = torch.float32) -> Backbone:
     """Load a backbone by embedded name or local directory, offline.
 
@@ -89,7 +90,9 @@ def load_backbone(spec: str | Path = DEFAULT_BACKBONE, *, prompts: str | Path | 
     The Hub's legacy ``Transformer2DModel`` layouts (DiT-XL/2, PixArt-α) are mapped to their family
     by ``norm_type`` as diffusers does. Weights load in ``dtype`` (float32, bfloat16 or float16),
     from safetensors files only. Text families take precomputed prompt embeddings (``prompts``, or
-    ``prompt_embeds.safetensors`` inside the directory).
+    ``prompt_embeds.safetensors`` inside the directory); a checkpoint with a vocabulary text encoder
+    (``text_encoder/vocab.json``, as ``fmnist-pixart`` ships) also takes ``prompts`` as text: a list of
+    prompts, or one string with ``;`` between them. Its encoder is ``backbone.vocabulary``.
     """
     dtype = torch_dtype(dtype)
     path = resolve_backbone_path(spec)
@@ -129,16 +132,42 @@ def load_backbone(spec: str | Path = DEFAULT_BACKBONE, *, prompts: str | Path | 
     if scheduler is None:
         scheduler = cls.default_scheduler()
 
+    vocabulary = _vocabulary(path, meta) if cls.text_conditioned else None
     bank = None
     if cls.text_conditioned:
         if isinstance(prompts, PromptBank):
             bank = prompts
         elif prompts is not None:
-            bank = PromptBank.load(prompts)
+            bank = _prompt_bank(prompts, vocabulary, path)
         elif (path / PROMPTS_FILE).exists():
             bank = PromptBank.load(path / PROMPTS_FILE)
+        if prompts is not None:
+            # condition i is now the i-th given prompt, not the checkpoint's own i-th prompt (its class)
+            meta.pop("class_names", None)
     backbone = cls(transformer, scheduler, vae, meta, bank)
+    backbone.vocabulary = vocabulary
     return backbone.to(resolve_device(device))
+
+
+def _vocabulary(path: Path, meta: dict):
+    """The checkpoint's vocabulary text encoder (``text_encoder/vocab.json``), or None when it has another
+    (or no) text encoder."""
+    from tide.models.vocabulary import Vocabulary
+
+    directory = path / meta.get("text_encoder", "text_encoder")
+    return Vocabulary.load(directory) if Vocabulary.is_vocabulary(directory) else None
+
+
+def _prompt_bank(prompts, vocabulary, path: Path) -> PromptBank:
+    """A prompt bank from a prompt-embedding file, or from prompts as text (a list, or one string with
+    ``;`` between prompts) encoded by the checkpoint's vocabulary."""
+    if isinstance(prompts, (str, Path)) and (Path(prompts).is_file() or str(prompts).endswith(".safetensors")):
+        return PromptBank.load(prompts)
+    if vocabulary is None:
+        raise TideError(f"prompt-embedding file {prompts} does not exist (the checkpoint {path} has no vocabulary "
+                        "text encoder, so prompts cannot be given as text)")
+    texts = [p.strip() for p in prompts.split(";")] if isinstance(prompts, str) else [str(p) for p in prompts]
+    return vocabulary.prompt_bank(texts)
 
 
 def _supported() -> str:
