@@ -18,7 +18,7 @@ tide.eval.attributes) with probability 1/2 each; 10% of captions are dropped to 
 (the empty prompt) for classifier-free guidance. The model is an epsilon-prediction DDPM with
 PixArt's linear schedule.
 
-    python experiments/train_fmnist_pixart.py --time-limit 38          # 2 CPU cores, in the background
+    python experiments/train_fmnist_pixart.py --time-limit 36          # 2 CPU cores (the shipped model), in the background
     python experiments/train_fmnist_pixart.py --device cuda --time-limit 8
 """
 
