@@ -128,3 +128,23 @@ def test_cli_samples_prompts_given_as_text(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown word 'hat'" in err[0]
     assert not (tmp_path / "x.png").exists()
+
+
+def test_prompts_given_at_capture_follow_the_sae_into_steering(tmp_path):
+    """An SAE trained on a capture of custom prompts records them; `tide steer` then reuses them, so condition
+    ids keep meaning the captured prompts (not the checkpoint's ten class prompts)."""
+    from tide.analysis.steering import SteerConfig
+    from tide.capture import CaptureConfig, capture
+    from tide.sae import load_sae
+    from tide.train import SAESpec, TrainConfig, train
+
+    prompts = "dark trouser; light bag"
+    cap = CaptureConfig(backbone="fmnist-pixart", prompts=prompts, out=str(tmp_path / "ds"), num_samples=2,
+                        num_steps=2, hooks=["blocks.4.hook_resid_post"], device="cpu")
+    capture(cap, progress=False)
+    train(TrainConfig(data=cap.out, out=str(tmp_path / "sae"), saes=[SAESpec(name="s", d_sae=32, k=4)], steps=2,
+                      batch_size=32, warmup_steps=1, checkpoint_every=0, device="cpu"))
+    assert load_sae(tmp_path / "sae" / "s").cfg.prompts == prompts
+    result = SteerConfig(sae=str(tmp_path / "sae" / "s"), features=[0], alpha=1.0, n=1, num_steps=2, device="cpu",
+                         out=str(tmp_path / "steer.png")).run()
+    assert result.before.conds.tolist() == [0, 1]  # the two captured prompts, not ten class prompts

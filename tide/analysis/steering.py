@@ -309,7 +309,8 @@ class SteerConfig(GenerationConfig, BackboneConfig):
         if not self.features:
             raise TideError("name the features to edit: --features 12,40")
         sae = load_sae(self.sae, device="cpu")
-        backbone = load_backbone(self.backbone or sae.cfg.backbone or DEFAULT_BACKBONE, prompts=self.prompts,
+        backbone = load_backbone(self.backbone or sae.cfg.backbone or DEFAULT_BACKBONE,
+                                 prompts=self.prompts or sae.cfg.prompts or None,
                                  device=self.device, dtype=self.dtype)
         sae = sae.to(backbone.device)
         edits = [FeatureEdit(int(f), mode=self.mode, alpha=self.alpha, value=self.value) for f in self.features]

@@ -45,6 +45,10 @@ class SAEConfig:
     """Hook the SAE reads (provenance; checked against the data and at splice time)."""
     backbone: str = ""
     """Backbone name the activations came from (provenance)."""
+    prompts: str = ""
+    """Prompts the activations were captured with, as the capture was given them (a prompt-embedding file, or
+    text for a backbone with a vocabulary); empty = the checkpoint's own. Provenance; `tide steer` reuses it so
+    condition ids keep their meaning."""
 
     def validate(self) -> "SAEConfig":
         from tide.errors import TideError

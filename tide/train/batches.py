@@ -81,9 +81,10 @@ def dataset_batches(store: ActivationStore, hooks: list[str], cfg: TrainConfig) 
 
 
 def complete_specs(specs: list[SAESpec], store: ActivationStore) -> list[SAESpec]:
-    """The specs with ``hook`` (default: the dataset's first), ``d_in`` and ``backbone`` from ``store``."""
+    """The specs with ``hook`` (default: the dataset's first), ``d_in``, ``backbone`` and ``prompts`` from ``store``."""
     hooks = store.hooks
     backbone = store.manifest.get("backbone", {}).get("name", "")
+    prompts = store.manifest.get("config", {}).get("prompts") or ""
     out = []
     for spec in specs:
         hook = spec.hook or next(iter(hooks))
@@ -94,5 +95,5 @@ def complete_specs(specs: list[SAESpec], store: ActivationStore) -> list[SAESpec
         if spec.d_in and spec.d_in != width:
             raise TideError(f"SAE {spec.name!r}: d_in={spec.d_in} but the dataset's {hook} activations have width "
                             f"{width}; set d_in: {width} (or leave it out)")
-        out.append(dataclasses.replace(spec, hook=hook, d_in=width, backbone=backbone))
+        out.append(dataclasses.replace(spec, hook=hook, d_in=width, backbone=backbone, prompts=prompts))
     return out
