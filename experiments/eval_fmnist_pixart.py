@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -39,6 +37,7 @@ from tide.eval.frechet import frechet_distance  # noqa: E402
 from tide.images import save_grid  # noqa: E402
 from tide.models import load_backbone  # noqa: E402
 from tide.sampling import SamplerConfig, sample  # noqa: E402
+from eval_embedded import machine  # noqa: E402  (experiments/ is on sys.path when run as a script)
 
 RESULTS = ROOT / "experiments" / "results"
 
@@ -59,12 +58,6 @@ def parse_args(argv=None):
     p.add_argument("--json", default=str(RESULTS / "fmnist_pixart.json"))
     p.add_argument("--grid", default=str(RESULTS / "fmnist_pixart_samples.png"))
     return p.parse_args(argv)
-
-
-def machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__}
 
 
 def main(argv=None):

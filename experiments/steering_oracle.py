@@ -42,12 +42,11 @@ from tide.models.base import NULL_CONDITION  # noqa: E402
 from tide.sampling import Intervention, SamplerConfig, Trajectory, sample  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results"
-EMBEDDED_OVERRIDE: dict[str, str] = {}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbones", default="fmnist-dit,fmnist-pixart")
+    p.add_argument("--backbones", default="fmnist-dit,fmnist-pixart", help="embedded names or checkpoint directories")
     p.add_argument("--blocks", default="1,4,7")
     p.add_argument("--per-class", type=int, default=10, help="edited samples per target class")
     p.add_argument("--mean-seeds", type=int, default=20, help="generations per class behind each class mean")
@@ -113,7 +112,7 @@ def patched(backbone, hook: str, targets: list[int], seeds: list[int], cfg: Samp
 
 
 def run_backbone(name: str, blocks: list[int], args, steps: int) -> dict:
-    backbone = load_backbone(EMBEDDED_OVERRIDE.get(name, name), device="cpu")
+    backbone = load_backbone(name, device="cpu")
     clf = load_classifier(backbone)
     k = 10
     cfg = SamplerConfig(num_steps=steps, guidance_scale=args.guidance, batch_size=args.batch_size)

@@ -46,6 +46,7 @@ from tide.eval.attributes import WORDS, AttributeThresholds  # noqa: E402
 from tide.eval.classifier import EvalClassifier  # noqa: E402
 from tide.eval.fashion_mnist import CLASS_NAMES, DEFAULT_ROOT, load_fashion_mnist  # noqa: E402
 from tide.models.vocabulary import Vocabulary  # noqa: E402
+from train_embedded import pick_device  # noqa: E402  (experiments/ is on sys.path when run as a script)
 
 CLASS_WORDS = [n.lower() for n in CLASS_NAMES]
 ALIASES = {"t-shirt": "t-shirt/top", "tshirt": "t-shirt/top", "top": "t-shirt/top", "trousers": "trouser",
@@ -88,12 +89,6 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default=str(DEFAULT_ROOT))
     p.add_argument("--log-every", type=int, default=100)
     return p.parse_args(argv)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 # --------------------------------------------------------------------------------- model
@@ -172,10 +167,11 @@ def caption_ids(labels_B, attr_words: dict[str, torch.Tensor], word_index: dict[
 
 
 @torch.no_grad()
-def sample(model, table_VC, vocab_mask_fn, prompts, guidance: float, steps: int, seed: int, device):
-    """Images in [0, 1] from a plain DPM-Solver loop (a self-check; tide.sampling is the real sampler)."""
-    embeds, mask = vocab_mask_fn(prompts)
-    null_e, null_m = vocab_mask_fn([""])
+def sample(model, encode, prompts, guidance: float, steps: int, seed: int, device):
+    """Images in [0, 1] from a plain DPM-Solver loop (a self-check; tide.sampling is the real sampler).
+    ``encode`` is :meth:`Vocabulary.encode`."""
+    embeds, mask = encode(prompts)
+    null_e, null_m = encode([""])
     b = len(prompts)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(b, 1, 28, 28, generator=gen).to(device)
@@ -346,7 +342,7 @@ def main(argv=None):
         labels = torch.arange(10).repeat_interleave(args.check_samples)
         for g in (1.0, args.guidance):
             t1 = time.time()
-            imgs = sample(model, None, vocab.encode, prompts, g, 20, args.seed, device)
+            imgs = sample(model, vocab.encode, prompts, g, 20, args.seed, device)
             agree = (clf.predict(imgs) == labels).float()
             per = agree.view(10, -1).mean(1)
             check[f"guidance_{g:g}"] = {"agreement": agree.mean().item(),

@@ -120,11 +120,6 @@ class Vocabulary:
                            "negative_prompt_embeds": neg_embeds.float(),
                            "negative_prompt_attention_mask": neg_mask}, texts=prompts)
 
-    def word_group(self, word: str) -> str | None:
-        """The group a word belongs to (``class``, ``brightness`` ...), or None."""
-        word = self.aliases.get(word.lower(), word.lower())
-        return next((g for g, members in self.groups.items() if word in members), None)
-
     # ----------------------------------------------------------------------------- files
     def save(self, directory: str | Path) -> None:
         from safetensors.torch import save_file
