@@ -15,8 +15,11 @@ TIMESTEPS = [0.0, 250.0, 500.0, 750.0, 999.0]
 def stats(d: int, seed: int = 0) -> SimpleNamespace:
     """Statistics shaped like :class:`tide.data.TimestepStats` (only the fields the SAE reads)."""
     rng = np.random.default_rng(seed)
+    var_D = rng.uniform(0.5, 8.0, d)
+    var_TD = rng.uniform(0.5, 8.0, (len(TIMESTEPS), d))
     return SimpleNamespace(mean_D=rng.normal(size=d), var=float(d * 4.0), timesteps_T=np.array(TIMESTEPS, dtype=np.float32),
-                           mean_TD=rng.normal(size=(len(TIMESTEPS), d)), var_T=rng.uniform(0.5, 8.0, len(TIMESTEPS)) * d)
+                           mean_TD=rng.normal(size=(len(TIMESTEPS), d)), var_T=rng.uniform(0.5, 8.0, len(TIMESTEPS)) * d,
+                           var_D=var_D, var_TD=var_TD)
 
 
 def make_sae(sparsity: str = "topk", conditioning: str = "none", normalization: str = "none", d: int = 8, f: int = 32,

@@ -44,6 +44,7 @@ from tide.io import atomic_path, canonical_hash, tensors_hash
 from tide.data import ActivationStore
 from tide.device import eval_mode, resolve_device
 from tide.errors import TideError
+from tide.eval.metrics import require_activation_target
 
 SCHEMA = "tide.feature_stats"
 SCHEMA_VERSION = 1
@@ -211,6 +212,7 @@ def compute_feature_stats(sae, store_or_path, hook: str | None = None, top_k: in
         if hook is None:
             raise TideError(f"the SAE names no hook and {store.path} holds several {list(store.hooks)}: pass hook=")
     store.check_hooks([hook])
+    require_activation_target(sae, "tide stats")
     if cfg.hook and cfg.hook != hook:
         raise TideError(f"the SAE was trained on hook {cfg.hook!r} but the statistics were asked for hook {hook!r}: "
                         f"use an SAE trained on {hook!r} or pass hook={cfg.hook!r}")

@@ -22,7 +22,7 @@ from tide.timesteps import nearest_index
 if TYPE_CHECKING:
     from tide.data.store import ActivationStore
 
-STATS_VERSION = 1
+STATS_VERSION = 2
 """Layout version of ``stats.h5``; a cache with another version is recomputed."""
 
 
@@ -42,12 +42,16 @@ class TimestepStats(NamedTuple):
     """Root-mean-square norm per step: sqrt(E ||x||^2)."""
     var_T: np.ndarray
     """Total variance per step: E ||x - mean_t||^2 (the denominator of FVU at that step)."""
+    var_TD: np.ndarray
+    """Variance of each dimension per step (sums to ``var_T``)."""
     mean_D: np.ndarray
     """Mean activation over every row."""
     rms: float
     """sqrt(E ||x||^2) over every row."""
     var: float
     """E ||x - mean||^2 over every row."""
+    var_D: np.ndarray
+    """Variance of each dimension over every row (sums to ``var``)."""
 
     def index_of(self, timesteps) -> np.ndarray:
         """Position in ``steps_T`` of the step whose timestep is nearest to each value given (a value
@@ -55,48 +59,53 @@ class TimestepStats(NamedTuple):
         return nearest_index(self.timesteps_T, timesteps)
 
 
-def finish_stats(hook: str, steps_T, timesteps_T, count_T, sum_TD, sumsq_T) -> TimestepStats:
-    """``TimestepStats`` from per-step row counts, sums and sums of squared norms."""
+def finish_stats(hook: str, steps_T, timesteps_T, count_T, sum_TD, sumsq_TD) -> TimestepStats:
+    """``TimestepStats`` from per-step row counts, sums and sums of squares (per dimension)."""
     count_T = np.asarray(count_T, dtype=np.int64)
     sum_TD = np.asarray(sum_TD, dtype=np.float64)
-    sumsq_T = np.asarray(sumsq_T, dtype=np.float64)
+    sumsq_TD = np.asarray(sumsq_TD, dtype=np.float64)
     mean_TD = sum_TD / count_T[:, None]
-    msq_T = sumsq_T / count_T
     n = count_T.sum()
     mean_D = sum_TD.sum(axis=0) / n
-    msq = float(sumsq_T.sum() / n)
+    var_TD = np.maximum(sumsq_TD / count_T[:, None] - mean_TD ** 2, 0.0)
+    var_D = np.maximum(sumsq_TD.sum(axis=0) / n - mean_D ** 2, 0.0)
+    msq_T = sumsq_TD.sum(axis=1) / count_T
     return TimestepStats(
         hook=hook, steps_T=np.asarray(steps_T, dtype=np.int64), timesteps_T=np.asarray(timesteps_T, dtype=np.float32),
-        count_T=count_T, mean_TD=mean_TD, rms_T=np.sqrt(msq_T),
-        var_T=np.maximum(msq_T - (mean_TD ** 2).sum(axis=1), 0.0),
-        mean_D=mean_D, rms=float(np.sqrt(msq)), var=max(msq - float((mean_D ** 2).sum()), 0.0))
+        count_T=count_T, mean_TD=mean_TD, rms_T=np.sqrt(msq_T), var_T=var_TD.sum(axis=1), var_TD=var_TD,
+        mean_D=mean_D, rms=float(np.sqrt(sumsq_TD.sum() / n)), var=float(var_D.sum()), var_D=var_D)
 
 
-def compute_stats(store: ActivationStore, hook: str) -> TimestepStats:
-    """One streaming float64 pass over every row of ``hook``, grouped by recorded step."""
+def compute_stats(store: ActivationStore, hook: str, minus: str | None = None) -> TimestepStats:
+    """One streaming float64 pass over every row of ``hook`` (or of ``hook - minus``, rows aligned), grouped by
+    recorded step."""
     width = store.hooks[hook]
+    if minus is not None and store.hooks[minus] != width:
+        raise TideError(f"{hook} and {minus} have different widths ({width}, {store.hooks[minus]})")
     sums: dict[int, np.ndarray] = {}
-    sumsq: dict[int, float] = {}
+    sumsq: dict[int, np.ndarray] = {}
     counts: dict[int, int] = {}
     step_t: dict[int, float] = {}
     block = store.rows_per_chunk(width, 8)
-    for _, _, acts, meta in store.iter_blocks([hook], ("timestep", "step_index"), block):
+    for _, _, acts, meta in store.iter_blocks([hook] + ([minus] if minus else []), ("timestep", "step_index"), block):
         x_RD = acts[hook].astype(np.float64)
+        if minus is not None:
+            x_RD -= acts[minus]
         s_R, t_R = meta["step_index"], meta["timestep"]
         values, first, inverse = np.unique(s_R, return_index=True, return_inverse=True)
         for k, s in enumerate(values.tolist()):
             x = x_RD if len(values) == 1 else x_RD[inverse == k]
             if s not in sums:
-                sums[s], sumsq[s], counts[s], step_t[s] = np.zeros(width), 0.0, 0, float(t_R[first[k]])
+                sums[s], sumsq[s], counts[s], step_t[s] = np.zeros(width), np.zeros(width), 0, float(t_R[first[k]])
             sums[s] += x.sum(axis=0)
-            sumsq[s] += float(np.einsum("rd,rd->", x, x))
+            sumsq[s] += np.einsum("rd,rd->d", x, x)
             counts[s] += len(x)
     if not counts:
         raise TideError(f"dataset {store.path} holds no rows; capture some first")
     steps = sorted(counts)
     count_T = np.array([counts[s] for s in steps], dtype=np.int64)
-    return finish_stats(hook, np.array(steps, dtype=np.int64), np.array([step_t[s] for s in steps], np.float32),
-                        count_T, np.stack([sums[s] for s in steps]), np.array([sumsq[s] for s in steps]))
+    return finish_stats(hook if minus is None else f"{hook} - {minus}", np.array(steps, dtype=np.int64), np.array([step_t[s] for s in steps], np.float32),
+                        count_T, np.stack([sums[s] for s in steps]), np.stack([sumsq[s] for s in steps]))
 
 
 def cached_stats(store: ActivationStore, hook: str | None = None, recompute: bool = False,
@@ -155,6 +164,6 @@ def write_stats_cache(root: Path, manifest_sha256: str, rows: int, result: Times
                     g = f.create_group(hook)
                     g["steps"], g["timesteps"], g["count"] = st.steps_T, st.timesteps_T, st.count_T
                     g["sum"] = st.mean_TD * st.count_T[:, None]
-                    g["sumsq"] = st.rms_T ** 2 * st.count_T
+                    g["sumsq"] = (st.var_TD + st.mean_TD ** 2) * st.count_T[:, None]
     except OSError as exc:
         warnings.warn(f"could not cache statistics in {final} ({exc}); they will be recomputed next time")

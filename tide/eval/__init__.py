@@ -13,7 +13,7 @@ from tide.eval.frechet import frechet_distance
 _LAZY = {
     "reconstruction_metrics": "metrics", "ReconstructionMetrics": "metrics", "BucketMetrics": "metrics",
     "default_buckets": "metrics",
-    "denoiser_error": "splice", "spliced_samples": "splice", "splice_intervention": "splice",
+    "denoiser_error": "splice", "spliced_samples": "splice", "splice_intervention": "splice", "splice_interventions": "splice",
     "DenoiserError": "splice", "SplicedSamples": "splice",
     "EvalConfig": "report", "EvalResult": "report", "evaluate": "report",
 }

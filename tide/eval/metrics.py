@@ -58,6 +58,14 @@ def check_sae_hook(sae, hook: str) -> None:
                         f"evaluate it at {trained!r}, or load an SAE trained on {hook!r}")
 
 
+def require_activation_target(sae, what: str) -> None:
+    """Refuse an SAE whose target is not its hook's activation where ``what`` reads activations directly."""
+    target = getattr(sae.cfg, "target", "activation")
+    if target != "activation":
+        raise TideError(f"{what} reads the hook's activations, but this SAE's target is {target!r} "
+                        "(the block's update): it is supported by tide train, tide eval and the splice only")
+
+
 def _nan_to_none(v):
     if isinstance(v, float) and not np.isfinite(v):
         return None
@@ -201,9 +209,11 @@ def _batches(data, hook: str | None, batch_size: int, seed: int, sae, subset: bo
                 raise TideError(f"the SAE names no hook and {data.path} holds several ({list(data.hooks)}): "
                                 "say which hook to evaluate")
             hook = next(iter(data.hooks))
-        data.check_hooks([hook])
-        loader = ActivationLoader(data, LoaderConfig(hooks=[hook], batch_size=batch_size, seed=seed, shuffle=subset,
-                                                     shuffle_buffer=max(batch_size, 65536), epochs=1))
+        base = getattr(sae.cfg, "base_hook", None)
+        data.check_hooks([hook] + ([base] if base else []))
+        loader = ActivationLoader(data, LoaderConfig(hooks=[hook] + ([base] if base else []), batch_size=batch_size,
+                                                     seed=seed, shuffle=subset, shuffle_buffer=max(batch_size, 65536),
+                                                     epochs=1))
         width = data.hooks[hook]
     elif isinstance(data, ActivationLoader):
         loader = data
@@ -219,9 +229,16 @@ def _batches(data, hook: str | None, batch_size: int, seed: int, sae, subset: bo
         raise TideError(f"reconstruction metrics read an ActivationStore, an ActivationLoader or a dataset "
                         f"directory, got {type(data).__name__}")
 
+    base = getattr(sae.cfg, "base_hook", None)
+
     def rows() -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         for batch in loader:
             acts = batch.acts[hook] if isinstance(batch.acts, dict) else batch.acts
+            if base is not None:  # an update target: the block's output minus its input
+                if not isinstance(batch.acts, dict) or base not in batch.acts:
+                    raise TideError(f"the SAE's update target needs {base!r} beside {hook!r}; the loader reads "
+                                    f"{loader.hooks}")
+                acts = acts - batch.acts[base]
             yield acts, batch.t_B
 
     return hook, width, loader, rows()

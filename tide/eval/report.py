@@ -171,7 +171,7 @@ def evaluate(config: EvalConfig, backbone=None, sae=None, progress: bool = True)
     from tide.eval.metrics import check_sae_hook, reconstruction_metrics
     from tide.eval.splice import denoiser_error, spliced_samples
     from tide.images import save_grid
-    from tide.models import load_backbone
+    from tide.models.loading import load_captured_backbone
     from tide.sae import load_sae
     from tide.sampling import SamplerConfig
 
@@ -224,19 +224,13 @@ def evaluate(config: EvalConfig, backbone=None, sae=None, progress: bool = True)
     if config.splice_samples > 0:
         captured = store.manifest.get("config", {}) or {}
         if backbone is None:
-            spec = config.backbone or captured.get("backbone")
-            if not spec:
-                raise TideError(f"the manifest of {store.path} names no backbone: give --backbone")
-            try:
-                backbone = load_backbone(spec, prompts=config.prompts or captured.get("prompts"), device=device,
-                                         dtype=config.dtype or captured.get("dtype", "float32"))
-            except TideError as exc:
-                raise TideError(f"cannot load backbone {spec!r} named in the manifest of {store.path}: {exc} "
-                                "(pass the capture's backbone with --backbone)") from None
-        expected = store.manifest.get("backbone_hash")
-        if expected and backbone.identity_hash() != expected:
-            raise TideError(f"backbone {backbone.name!r} is not the model {store.path} was captured from (its weights "
-                            "differ): pass the capture's backbone with --backbone")
+            backbone = load_captured_backbone(store.manifest, store.path, config.backbone, config.prompts, config.dtype,
+                                              device)
+        else:
+            expected = store.manifest.get("backbone_hash")
+            if expected and backbone.identity_hash() != expected:
+                raise TideError(f"backbone {backbone.name!r} is not the model {store.path} was captured from (its "
+                                "weights differ): pass the capture's backbone with --backbone")
         sampler = SamplerConfig(
             num_steps=int(config.num_steps or captured.get("num_steps") or 50),
             guidance_scale=config.guidance_scale if config.guidance_scale is not None

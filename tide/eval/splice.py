@@ -30,23 +30,24 @@ from tide.eval.frechet import frechet_distance
 from tide.eval.metrics import check_sae_hook
 from tide.hooks import BRANCH_NAMES, HookedBackbone, current_step, is_text_hook, require_step
 from tide.models.base import Backbone
-from tide.sampling import Intervention, SampleOutput, SamplerConfig, Trajectory, sample
+from tide.sampling import HookFn, Intervention, SampleOutput, SamplerConfig, Trajectory, sample
 
 
 # ------------------------------------------------------------------------------------ checks and hook functions
 def check_splice(sae, hooked: HookedBackbone, hook: str) -> None:
     """Refuse an unknown hook, an SAE trained on another hook, and an SAE of another width."""
-    hooked.check_hook_names([hook])
+    hooked.check_hook_names([hook] + ([sae.cfg.base_hook] if getattr(sae.cfg, "base_hook", None) else []))
     check_sae_hook(sae, hook)
     if not is_text_hook(hook):  # every image-stream hook carries d_model channels
         sae.check_width(hooked.backbone.d_model, f"hook {hook!r} of backbone {hooked.backbone.name!r}")
 
 
-def splice_fn(sae, hook_name: str = "?"):
+def splice_fn(sae, hook_name: str = "?", observe=None):
     """A hook function replacing a (..., D) activation by ``sae.reconstruct(x, t)`` at the sampler's timestep.
 
     It runs the SAE on the SAE's device and dtype and returns the result in the activation's.
-    Put the SAE in eval mode first (BatchTopK uses its inference threshold there).
+    Put the SAE in eval mode first (BatchTopK uses its inference threshold there). ``observe(x, x_hat)``, if
+    given, sees every input and reconstruction. For an SAE with an update target use :func:`splice_fns`.
     """
     param = next(sae.parameters())
 
@@ -57,15 +58,51 @@ def splice_fn(sae, hook_name: str = "?"):
         t_N = torch.full((x_ND.shape[0],), float(ctx.timestep), device=param.device)
         with torch.no_grad():
             x_hat = sae.reconstruct(x_ND, t_N)
-        return x_hat.to(act.device, act.dtype).reshape(act.shape)
+        x_hat = x_hat.to(act.device, act.dtype).reshape(act.shape)
+        if observe is not None:
+            observe(act, x_hat)
+        return x_hat
 
     return fn
 
 
+def splice_fns(sae, hook: str, observe=None) -> list[tuple[str, HookFn]]:
+    """The (hook name, function) pairs that splice ``sae`` in at ``hook``: one replacing the activation, or for an
+    update target (:attr:`SAEConfig.target`) one reading the block's input and one replacing its output by
+    input + reconstruction of (output - input). ``observe(x, x_hat)`` sees the SAE's inputs and reconstructions."""
+    main = splice_fn(sae, hook, observe)
+    base_hook = getattr(sae.cfg, "base_hook", None)
+    if base_hook is None:
+        return [(hook, main)]
+    saved: dict[str, torch.Tensor] = {}
+
+    def read(act, hook=None):
+        saved["x"] = act
+        return None
+
+    def replace(act, hook=None):
+        if "x" not in saved:
+            raise TideError(f"the update splice at {hook!r} ran without its block input {base_hook!r}")
+        base = saved.pop("x")
+        return base + main(act - base, hook)
+
+    return [(base_hook, read), (hook, replace)]
+
+
+def splice_interventions(sae, hook: str, steps: tuple[int, int] | None = None,
+                         timesteps: tuple[float, float] | None = None, branch: CfgBranch = "both") -> list[Intervention]:
+    """The :class:`~tide.sampling.Intervention` s that splice the SAE in at ``hook`` (every step by default)."""
+    return [Intervention(name, fn, steps=steps, timesteps=timesteps, branch=branch) for name, fn in splice_fns(sae, hook)]
+
+
 def splice_intervention(sae, hook: str, steps: tuple[int, int] | None = None,
                         timesteps: tuple[float, float] | None = None, branch: CfgBranch = "both") -> Intervention:
-    """An :class:`~tide.sampling.Intervention` that splices the SAE in at ``hook`` (every step by default)."""
-    return Intervention(hook, splice_fn(sae, hook), steps=steps, timesteps=timesteps, branch=branch)
+    """An :class:`~tide.sampling.Intervention` that splices the SAE in at ``hook`` (every step by default); an SAE
+    with an update target needs two (:func:`splice_interventions`)."""
+    ivs = splice_interventions(sae, hook, steps, timesteps, branch)
+    if len(ivs) != 1:
+        raise TideError("an SAE with an update target splices in through two hooks: use splice_interventions")
+    return ivs[0]
 
 
 def mean_ablation_fn(hook_name: str = "?", stats=None):
@@ -180,19 +217,15 @@ def denoiser_error(model: Backbone | HookedBackbone, sae, hook: str, conds: Sequ
     backbone.check_conditions(conds)
 
     fvu_acc = _StepFVU(config.num_steps)
-    splice = splice_fn(sae, hook)
 
-    def spliced(act, hook=None):
-        x_hat = splice(act, hook)
+    def observe(x, y):
         ctx = current_step()
-        x, y = act, x_hat
         if branch != "both":  # only the rows the splice replaces
-            rows = (ctx.cfg_branch_B == BRANCH_NAMES[branch]).to(act.device)
-            x, y = act[rows], x_hat[rows]
-        fvu_acc.add(ctx.step_index, x.reshape(-1, act.shape[-1]), y.reshape(-1, act.shape[-1]))
-        return x_hat
+            rows = (ctx.cfg_branch_B == BRANCH_NAMES[branch]).to(x.device)
+            x, y = x[rows], y[rows]
+        fvu_acc.add(ctx.step_index, x.reshape(-1, x.shape[-1]), y.reshape(-1, x.shape[-1]))
 
-    splice_iv = Intervention(hook, spliced, branch=branch)
+    splice_ivs = [Intervention(name, fn, branch=branch) for name, fn in splice_fns(sae, hook, observe)]
     ablate_iv = Intervention(hook, mean_ablation_fn(hook, ablation_stats), branch=branch)
 
     n_steps = config.num_steps
@@ -210,7 +243,7 @@ def denoiser_error(model: Backbone | HookedBackbone, sae, hook: str, conds: Sequ
                 i = step.index
                 timesteps_T[i] = step.ctx.timestep
                 clean = traj.predict(step)
-                out_s = traj.predict(step, [(hook, splice_iv.bound_fn(step.ctx))])
+                out_s = traj.predict(step, [(iv.hook, iv.bound_fn(step.ctx)) for iv in splice_ivs])
                 out_a = traj.predict(step, [(hook, ablate_iv.bound_fn(step.ctx))])
                 clean64 = clean.double()
                 sq_clean[i] += float((clean64 ** 2).sum())
@@ -272,7 +305,7 @@ def spliced_samples(backbone: Backbone | HookedBackbone, sae, hook: str, conds: 
     seeds = list(range(len(conds))) if seeds is None else list(seeds)
     with eval_mode(sae):
         clean = sample(plain, conds, seeds, config, progress=progress)
-        spliced = sample(plain, conds, seeds, config, interventions=[splice_intervention(sae, hook, branch=branch)],
+        spliced = sample(plain, conds, seeds, config, interventions=splice_interventions(sae, hook, branch=branch),
                          progress=progress)
     pixel_mse = float(((spliced.images.double() - clean.images.double()) ** 2).mean())
     scores = None
@@ -281,7 +314,7 @@ def spliced_samples(backbone: Backbone | HookedBackbone, sae, hook: str, conds: 
         feat_c, feat_s = classifier.embed(clean.images).numpy(), classifier.embed(spliced.images).numpy()
         scores = {"agreement_spliced_vs_clean": float((pred_c == pred_s).float().mean()),
                   "frechet_spliced_vs_clean": _frechet_or_none(feat_s, feat_c)}
-        if not plain.text_conditioned:
+        if plain.conditions_are_classes:
             want = clean.conds.long()
             scores["agreement_clean"] = float((pred_c == want).float().mean())
             scores["agreement_spliced"] = float((pred_s == want).float().mean())

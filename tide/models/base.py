@@ -54,6 +54,18 @@ class BlockSpec:
     diffusers' image blocks, ``ffn`` in Wan's; None = not hooked."""
 
 
+def reader_block(hook: str, num_blocks: int) -> int:
+    """The block whose first norm reads the residual stream at ``hook`` (``num_blocks``: the output norm)."""
+    parts = hook.split(".")
+    if len(parts) != 3 or parts[0] != "blocks" or not parts[1].isdigit() or parts[2] not in ("hook_resid_pre", "hook_resid_post"):
+        raise TideError(f"hook {hook!r} is not read by an adaLN norm: use a blocks.N.hook_resid_pre or "
+                        "blocks.N.hook_resid_post hook, or modulation_init: zero")
+    block = int(parts[1]) + (parts[2] == "hook_resid_post")
+    if block > num_blocks:
+        raise TideError(f"hook {hook!r} names block {parts[1]}, but the backbone has {num_blocks} blocks")
+    return block
+
+
 class Backbone(nn.Module, abc.ABC):
     """A diffusers transformer + scheduler (+ VAE) behind one interface."""
 
@@ -164,6 +176,12 @@ class Backbone(nn.Module, abc.ABC):
         return 0
 
     @property
+    def conditions_are_classes(self) -> bool:
+        """Whether condition id c asks for class c (class-conditional families, and prompt banks whose i-th prompt is
+        class i, as the embedded ``fmnist-pixart``'s own bank): then a classifier's prediction can be checked against it."""
+        return not self.text_conditioned or bool(self.meta.get("class_names"))
+
+    @property
     def condition_names(self) -> list[str]:
         """Human-readable name of each condition id."""
         names = self.meta.get("class_names")
@@ -203,6 +221,14 @@ class Backbone(nn.Module, abc.ABC):
     def forward(self, latents_BCHW: torch.Tensor, t: torch.Tensor,
                 cond: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.denoise(latents_BCHW, t, cond)
+
+    # ----------------------------------------------------------------------------- adaLN
+    def reader_modulation(self, hook: str, t_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale_BD, shift_BD) of the adaLN that reads the residual stream at ``hook`` (``resid_pre`` of block i, or
+        ``resid_post`` of block i - 1): the next norm computes ``LN(x) * (1 + scale) + shift`` at timestep ``t_B``.
+        Families whose modulation also reads the condition use the null condition. Not every family has one."""
+        raise TideError(f"the {self.family} backbone does not expose the adaLN modulation that reads {hook!r}: "
+                        "use modulation_init: zero")
 
     # ----------------------------------------------------------------------------- guidance
     @property

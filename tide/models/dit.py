@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMScheduler, DiTTransformer2DModel
 
-from tide.models.base import NULL_CONDITION, Backbone, BlockSpec
+from tide.models.base import NULL_CONDITION, Backbone, BlockSpec, reader_block
 
 
 class DiTBackbone(Backbone):
@@ -47,3 +47,17 @@ class DiTBackbone(Backbone):
                                return_dict=False)[0]
         # checkpoints with learned sigma (DiT-XL/2) predict [noise, variance]: keep the noise
         return out[:, :c] if out.shape[1] == 2 * c else out
+
+    def reader_modulation(self, hook, t_B):
+        tr = self.transformer
+        reader = reader_block(hook, len(tr.transformer_blocks))
+        t_B = t_B.to(self.device)
+        labels = torch.full((len(t_B),), self.num_classes, device=self.device)  # the null class
+        if reader == len(tr.transformer_blocks):  # the output norm, modulated from block 0's embedding
+            emb = tr.transformer_blocks[0].norm1.emb(t_B, labels, hidden_dtype=self.dtype)
+            shift, scale = tr.proj_out_1(torch.nn.functional.silu(emb)).chunk(2, dim=1)
+            return scale, shift
+        norm = tr.transformer_blocks[reader].norm1
+        emb = norm.linear(norm.silu(norm.emb(t_B, labels, hidden_dtype=self.dtype)))
+        shift_msa, scale_msa = emb.chunk(6, dim=1)[:2]
+        return scale_msa, shift_msa

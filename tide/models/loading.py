@@ -172,3 +172,25 @@ def _prompt_bank(prompts, vocabulary, path: Path) -> PromptBank:
 
 def _supported() -> str:
     return ", ".join(c.transformer_class.__name__ for c in FAMILIES.values())
+
+
+def load_captured_backbone(manifest: dict, where: str | Path, spec: str | Path | None = None,
+                           prompts: str | None = None, dtype: str | None = None,
+                           device: str | torch.device | None = "auto") -> Backbone:
+    """The backbone a capture (its ``manifest``, read from dataset ``where``) was made with: the manifest's
+    backbone, prompts and dtype unless given; refused when its weights are not the captured ones."""
+    captured = manifest.get("config", {}) or {}
+    spec = spec or captured.get("backbone")
+    if not spec:
+        raise TideError(f"the manifest of {where} names no backbone: give --backbone")
+    try:
+        backbone = load_backbone(spec, prompts=prompts or captured.get("prompts"), device=device,
+                                 dtype=dtype or captured.get("dtype", "float32"))
+    except TideError as exc:
+        raise TideError(f"cannot load backbone {spec!r} named in the manifest of {where}: {exc} "
+                        "(pass the capture's backbone with --backbone)") from None
+    expected = manifest.get("backbone_hash")
+    if expected and backbone.identity_hash() != expected:
+        raise TideError(f"backbone {backbone.name!r} is not the model {where} was captured from (its weights "
+                        "differ): pass the capture's backbone with --backbone")
+    return backbone

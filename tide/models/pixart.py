@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMScheduler, PixArtTransformer2DModel
 
+from tide.models.base import reader_block
 from tide.models.text import TextBackbone
 
 
@@ -46,3 +47,21 @@ class PixArtBackbone(TextBackbone):
                                added_cond_kwargs=added, return_dict=False)[0]
         # PixArt checkpoints predict [noise, learned variance]: keep the noise
         return out[:, :c] if out.shape[1] == 2 * c else out
+
+    def reader_modulation(self, hook, t_B):
+        tr = self.transformer
+        reader = reader_block(hook, len(tr.transformer_blocks))
+        t_B = t_B.to(self.device)
+        added = {"resolution": None, "aspect_ratio": None}
+        if tr.use_additional_conditions:  # the modulation then also reads the image size: the default size
+            h, w = self.latent_shape()[1:]
+            s = self.vae_scale_factor
+            added = {"resolution": torch.tensor([[h * s, w * s]], dtype=self.dtype, device=self.device).repeat(len(t_B), 1),
+                     "aspect_ratio": torch.tensor([[h / w]], dtype=self.dtype, device=self.device).repeat(len(t_B), 1)}
+        t_mod, embedded = tr.adaln_single(t_B, added, batch_size=len(t_B), hidden_dtype=self.dtype)
+        if reader == len(tr.transformer_blocks):  # the output norm: (shift, scale) = table + embedded timestep
+            shift, scale = (tr.scale_shift_table[None] + embedded[:, None]).unbind(1)
+            return scale, shift
+        table = tr.transformer_blocks[reader].scale_shift_table  # (6, D): shift_msa, scale_msa, ...
+        mods = table[None] + t_mod.reshape(len(t_B), 6, -1)
+        return mods[:, 1], mods[:, 0]

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 SPARSITIES = ("topk", "batchtopk", "relu", "jumprelu")
 CONDITIONINGS = ("none", "tide", "bucket")
-NORMALIZATIONS = ("none", "global", "per_timestep")
+TARGETS = ("activation", "update")
+NORMALIZATIONS = ("none", "global", "per_timestep", "per_dimension", "per_timestep_dimension")
 
 
 @dataclass
@@ -40,9 +45,13 @@ class SAEConfig:
     t_hidden: int = 128
     """tide: hidden width of the modulation MLP."""
     normalization: str = "global"
-    """none | global (dataset mean and scale) | per_timestep (mean and scale at each recorded timestep)."""
+    """none | global (dataset mean and one scale) | per_timestep (mean and scale at each recorded timestep) |
+    per_dimension (dataset mean, each dimension scaled to unit variance) | per_timestep_dimension (both)."""
     hook: str = ""
     """Hook the SAE reads (provenance; checked against the data and at splice time)."""
+    target: str = "activation"
+    """activation (the hook's activation) | update (at a resid_post hook: the block's update, resid_post - resid_pre of
+    the same block; spliced in, resid_pre + the reconstruction replaces resid_post). Training data needs both hooks."""
     backbone: str = ""
     """Backbone name the activations came from (provenance)."""
     prompts: str = ""
@@ -50,9 +59,35 @@ class SAEConfig:
     text for a backbone with a vocabulary); empty = the checkpoint's own. Provenance; `tide steer` reuses it so
     condition ids keep their meaning."""
 
+    @property
+    def base_hook(self) -> str | None:
+        """For an update target, the hook whose activation the update is taken from (the block's resid_pre)."""
+        return update_base_hook(self.hook) if self.target == "update" else None
+
+    @property
+    def input_hooks(self) -> list[str]:
+        """The hooks the SAE's input is computed from (one, or the block's input and output for an update target)."""
+        return [self.hook] if self.target != "update" else [self.base_hook, self.hook]
+
+    def rows(self, acts: dict) -> "torch.Tensor":
+        """The SAE's input rows from aligned activations of its ``input_hooks``: ``acts[hook]``, or for an update
+        target ``acts[hook] - acts[base_hook]``."""
+        from tide.errors import TideError
+
+        missing = [h for h in self.input_hooks if h not in acts]
+        if missing:
+            raise TideError(f"the activations hold {sorted(acts)}, not {missing} that the SAE on {self.hook!r} "
+                            f"(target {self.target}) reads")
+        x = acts[self.hook]
+        return x - acts[self.base_hook] if self.target == "update" else x
+
     def validate(self) -> "SAEConfig":
         from tide.errors import TideError
 
+        if self.target not in TARGETS:
+            raise TideError(f"SAE target {self.target!r} is not one of {list(TARGETS)}")
+        if self.target == "update" and self.hook:
+            update_base_hook(self.hook)
         for name, value, allowed in (("sparsity", self.sparsity, SPARSITIES), ("conditioning", self.conditioning, CONDITIONINGS),
                                      ("normalization", self.normalization, NORMALIZATIONS)):
             if value not in allowed:
@@ -64,3 +99,14 @@ class SAEConfig:
         if self.conditioning == "bucket" and self.num_buckets < 1:
             raise TideError("num_buckets must be >= 1")
         return self
+
+
+def update_base_hook(hook: str) -> str:
+    """``blocks.N.hook_resid_post`` -> ``blocks.N.hook_resid_pre`` (and the joint blocks' ``hook_img_*``)."""
+    from tide.errors import TideError
+
+    for post, pre in (("hook_img_resid_post", "hook_img_resid_pre"), ("hook_resid_post", "hook_resid_pre")):
+        if hook.endswith("." + post):
+            return hook[: -len(post)] + pre
+    raise TideError(f"an update target needs a block's resid_post hook (the update is resid_post - resid_pre), "
+                    f"not {hook!r}")

@@ -69,7 +69,10 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
 
 def _fit_buffers(sae: SAE, state: dict) -> None:
     """The normalisation table's length depends on the data: resize it before loading."""
-    for name in ("norm_t_T", "norm_mean_TD", "norm_scale_T"):
+    if "norm_scale_T" in state:  # SAEs saved before per-dimension scales kept one scale per timestep
+        scale_T = state.pop("norm_scale_T")
+        state["norm_scale_TD"] = scale_T[:, None].expand(-1, sae.cfg.d_in).contiguous()
+    for name in ("norm_t_T", "norm_mean_TD", "norm_scale_TD"):
         if name in state:
             setattr(sae, name, torch.empty_like(state[name]))
 

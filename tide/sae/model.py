@@ -1,6 +1,7 @@
 """The sparse autoencoder: plain, TIDE-modulated, or one per timestep bucket.
 
-With input normalisation x_n = (x - mu_t) / sigma_t and, for TIDE, (s, h) = MLP(emb(t)):
+With input normalisation x_n = (x - mu_t) / sigma_t (sigma a scalar, or one scale per dimension) and,
+for TIDE, (s, h) = MLP(emb(t)):
 
     x~  = x_n * (1 + s) + h
     z   = sparsity(W_enc (x~ - b_dec) + b_enc)
@@ -72,7 +73,7 @@ class SAE(nn.Module):
         # normalisation table: rows = recorded timesteps (one row for global / none)
         self.register_buffer("norm_t_T", torch.zeros(1))
         self.register_buffer("norm_mean_TD", torch.zeros(1, d))
-        self.register_buffer("norm_scale_T", torch.ones(1))
+        self.register_buffer("norm_scale_TD", torch.ones(1, d))
         self._scratch: dict[str, torch.Tensor] = {}  # see reuse_buffers
         self._reusing = False
 
@@ -100,33 +101,42 @@ class SAE(nn.Module):
 
     # ------------------------------------------------------------------ normalisation
     def set_normalization(self, stats) -> None:
-        """Fill the normalisation table from :class:`tide.data.TimestepStats` of the training data."""
+        """Fill the normalisation table from :class:`tide.data.TimestepStats` of the training data.
+
+        ``global`` / ``per_timestep``: one scale per row, sqrt(total variance / d), so the average dimension has unit
+        variance; ``per_dimension`` / ``per_timestep_dimension``: every dimension standardised to unit variance (the
+        few high-variance dimensions of a DiT residual no longer dominate the squared error)."""
         d = self.cfg.d_in
-        if self.cfg.normalization == "none":
+        mode = self.cfg.normalization
+        if mode == "none":
             return
-        if self.cfg.normalization == "global":
+        if mode in ("global", "per_dimension"):
             t = torch.zeros(1)
             mean = torch.as_tensor(stats.mean_D, dtype=torch.float32)[None]
-            scale = torch.as_tensor([float(stats.var) / d]).sqrt()
+            var = torch.as_tensor(stats.var_D, dtype=torch.float32)[None] if mode == "per_dimension" else \
+                torch.full((1, d), float(stats.var) / d)
         else:
             t = torch.as_tensor(stats.timesteps_T, dtype=torch.float32)
             mean = torch.as_tensor(stats.mean_TD, dtype=torch.float32)
-            scale = (torch.as_tensor(stats.var_T, dtype=torch.float32) / d).sqrt()
+            var = torch.as_tensor(stats.var_TD, dtype=torch.float32) if mode == "per_timestep_dimension" else \
+                (torch.as_tensor(stats.var_T, dtype=torch.float32) / d)[:, None].expand(-1, d)
         if mean.shape[-1] != d:
             raise TideError(f"normalisation statistics have width {mean.shape[-1]} but the SAE's d_in is {d}")
+        # a dimension that never varies keeps a tiny floor relative to the others (no division by zero)
+        floor = var.mean(-1, keepdim=True).clamp_min(1e-30) * 1e-6
         device = self.W_enc.device
         self.norm_t_T = t.to(device)
         self.norm_mean_TD = mean.to(device)
-        self.norm_scale_T = scale.clamp_min(1e-8).to(device)
+        self.norm_scale_TD = torch.maximum(var, floor).sqrt().clamp_min(1e-8).contiguous().to(device)
 
     def _norm(self, t_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mu_BD, sigma_B1) at each row's timestep (nearest recorded timestep for per_timestep)."""
+        """(mu_BD, sigma_BD) at each row's timestep (nearest recorded timestep for the per-timestep modes)."""
         if self.norm_t_T.numel() == 1:
-            return self.norm_mean_TD.expand(len(t_B), -1), self.norm_scale_T.expand(len(t_B))[:, None]
+            return self.norm_mean_TD.expand(len(t_B), -1), self.norm_scale_TD.expand(len(t_B), -1)
         # on device, in float32; an exact tie takes the first table row (the higher timestep for a table in
         # step order), unlike tide.timesteps.nearest_index (the lower timestep)
         row = (t_B.float()[:, None] - self.norm_t_T[None]).abs().argmin(-1)
-        return self.norm_mean_TD[row], self.norm_scale_T[row][:, None]
+        return self.norm_mean_TD[row], self.norm_scale_TD[row]
 
     # ------------------------------------------------------------------ forward
     def check_width(self, width: int, where: str | None = None) -> None:
@@ -140,8 +150,8 @@ class SAE(nn.Module):
         self.check_width(x_BD.shape[-1])
         t_B = t_B.to(x_BD.device)
         identity = self.cfg.normalization == "none"  # skip two passes over the batch
-        mu_BD, sigma_B1 = self._norm(t_B)
-        x_n = x_BD if identity else (x_BD - mu_BD) / sigma_B1
+        mu_BD, sigma_BD = self._norm(t_B)
+        x_n = x_BD if identity else (x_BD - mu_BD) / sigma_BD
         if self.modulation is not None:
             scale_BD, shift_BD = self.modulation(t_B)
             x_in, out_scale = x_n * (1 + scale_BD) + shift_BD, 1 + scale_BD
@@ -152,7 +162,7 @@ class SAE(nn.Module):
         else:
             y, latents, pre, penalty = self._code(x_in, 0)
         x_hat_n = y if out_scale is None else (y - shift_BD) / out_scale
-        x_hat = x_hat_n if identity else x_hat_n * sigma_B1 + mu_BD
+        x_hat = x_hat_n if identity else x_hat_n * sigma_BD + mu_BD
         return ForwardOutput(x_hat, x_hat_n, x_n, latents, pre, penalty, out_scale, x_in)
 
     def _code(self, x_BD: torch.Tensor, b: int):
@@ -240,12 +250,12 @@ class SAE(nn.Module):
     # ------------------------------------------------------------------ folding
     @torch.no_grad()
     def _affine_at(self, t: float):
-        """(bucket, mu_D, sigma, s_D, h_D): everything timestep-dependent, at one timestep."""
+        """(bucket, mu_D, sigma_D, s_D, h_D): everything timestep-dependent, at one timestep."""
         cfg = self.cfg
         t_B = torch.tensor([float(t)], device=self.W_enc.device)
         b = int(bucket_index(t_B, cfg.num_buckets, cfg.t_max)) if cfg.conditioning == "bucket" else 0
-        mu_BD, sigma_B1 = self._norm(t_B)
-        mu, sigma = mu_BD[0], sigma_B1[0, 0]
+        mu_BD, sigma_BD = self._norm(t_B)
+        mu, sigma = mu_BD[0], sigma_BD[0]
         if self.modulation is not None:
             s, h = (v[0] for v in self.modulation(t_B))
         else:

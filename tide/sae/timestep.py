@@ -33,3 +33,21 @@ class TimestepModulation(nn.Module):
         emb = sinusoidal_embedding(t_B, self.embed_dim).to(self.mlp[0].weight.dtype)
         scale_BD, shift_BD = self.mlp(emb).chunk(2, dim=-1)
         return scale_BD, shift_BD
+
+
+def fit_modulation(modulation: TimestepModulation, t_T: torch.Tensor, scale_TD: torch.Tensor, shift_TD: torch.Tensor,
+                   steps: int = 400, lr: float = 3e-3) -> float:
+    """Fit ``modulation`` so that its (scale, shift) at timesteps ``t_T`` match the given ones (e.g. the adaLN of the
+    block that reads the hook); returns the final relative squared error."""
+    target = torch.cat([scale_TD, shift_TD], dim=-1).detach().float().to(modulation.mlp[0].weight.device)
+    emb = sinusoidal_embedding(t_T.to(target.device), modulation.embed_dim)
+    opt = torch.optim.Adam(modulation.parameters(), lr=lr)
+    denom = target.pow(2).sum().clamp_min(1e-12)
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            loss = (modulation.mlp(emb) - target).pow(2).sum() / denom
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return float((modulation.mlp(emb) - target).pow(2).sum() / denom)

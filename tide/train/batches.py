@@ -66,6 +66,14 @@ def hook_rows(acts: Acts, hook: str) -> torch.Tensor:
     return acts[hook]
 
 
+def spec_rows(acts: Acts, spec: SAESpec) -> torch.Tensor:
+    """The rows SAE ``spec`` trains on: ``acts`` itself, or what its target computes from the batch's hook columns
+    (its hook's column, or for an update target the block's output minus its input)."""
+    if not isinstance(acts, dict) or spec.target == "activation":
+        return hook_rows(acts, spec.hook)
+    return spec.rows(acts)
+
+
 # ------------------------------------------------------------------------------------ captured datasets
 def dataset_batches(store: ActivationStore, hooks: list[str], cfg: TrainConfig) -> BatchFactory:
     """The shuffled, endless loader over ``store`` as a factory ``batches(start_step)``."""
@@ -91,6 +99,10 @@ def complete_specs(specs: list[SAESpec], store: ActivationStore) -> list[SAESpec
         if hook not in hooks:
             raise TideError(f"SAE {spec.name!r}: hook {hook!r} is not in dataset {store.path}; "
                             f"it holds {sorted(hooks)}")
+        base = dataclasses.replace(spec, hook=hook).base_hook
+        if base is not None and base not in hooks:
+            raise TideError(f"SAE {spec.name!r}: an update target at {hook!r} needs {base!r} captured too; dataset "
+                            f"{store.path} holds {sorted(hooks)} (capture both hooks)")
         width = hooks[hook]
         if spec.d_in and spec.d_in != width:
             raise TideError(f"SAE {spec.name!r}: d_in={spec.d_in} but the dataset's {hook} activations have width "

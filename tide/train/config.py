@@ -17,6 +17,12 @@ class SAESpec(SAEConfig):
     """Directory name of this SAE under the run directory."""
     d_in: int = 0
     """Width of the activations; 0 = the dataset's width for this hook."""
+    modulation_init: str = "zero"
+    """tide conditioning: zero (adaLN-Zero, training starts as a plain SAE) or adaln (fitted to the (scale, shift)
+    of the backbone's adaLN norm that reads the hook, at the data's timesteps; needs the capture's backbone)."""
+    downstream_coefficient: float = 0.0
+    """Weight of the downstream-aware term: the denoiser output's squared relative error with the reconstruction
+    spliced in at the hook (tide.train.downstream), added to the FVU; 0 = activation FVU only."""
 
 
 @dataclass
@@ -45,6 +51,11 @@ class TrainConfig:
     """AuxK loss weight (0 turns AuxK off)."""
     dead_after_rows: int = 1_000_000
     """A latent that has not fired for this many rows counts as dead."""
+    downstream_samples: int = 32
+    """Captured samples whose trajectories are regenerated (at every step) as the denoiser inputs of the
+    downstream-aware term (only when an SAE has downstream_coefficient > 0; needs the capture's backbone)."""
+    downstream_batch: int = 8
+    """Denoiser inputs (of one timestep) per step of the downstream-aware term."""
     b_dec_init: str = "median"
     """Decoder bias from the first batch: median (geometric median), mean, or zero."""
     checkpoint_every: int = 500
@@ -78,6 +89,15 @@ class TrainConfig:
         names = [s.name for s in self.saes]
         if not names or len(set(names)) != len(names):
             raise TideError(f"give each SAE a distinct name (got {names})")
+        if self.downstream_samples < 1 or self.downstream_batch < 1:
+            raise TideError("downstream_samples and downstream_batch must be >= 1")
+        for s in self.saes:
+            if s.downstream_coefficient < 0:
+                raise TideError(f"SAE {s.name!r}: downstream_coefficient must be >= 0, got {s.downstream_coefficient}")
+            if s.modulation_init not in ("zero", "adaln"):
+                raise TideError(f"SAE {s.name!r}: modulation_init must be zero or adaln, got {s.modulation_init!r}")
+            if s.modulation_init == "adaln" and s.conditioning != "tide":
+                raise TideError(f"SAE {s.name!r}: modulation_init: adaln needs conditioning: tide")
         if self.resume and self.overwrite:
             raise TideError("choose one of --resume and --overwrite")
 

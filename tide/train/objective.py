@@ -97,12 +97,18 @@ def sae_loss(sae: SAE, x_BD: torch.Tensor, t_B: torch.Tensor, dead_NF: torch.Ten
 
 def train_step(sae: SAE, optimizer: torch.optim.Optimizer, x_BD: torch.Tensor, t_B: torch.Tensor,
                dead_NF: torch.Tensor | None, k_aux: int = 256, aux_coefficient: float = 1 / 32,
-               grad_hook=None) -> tuple[LossOutput, ForwardOutput]:
+               grad_hook=None, extra_loss=None) -> tuple[LossOutput, ForwardOutput]:
     """One optimisation step exactly as the trainer runs it: loss, backward, (grad_hook, e.g. DDP all-reduce),
-    parallel-gradient removal, optimizer step, decoder re-normalisation."""
+    parallel-gradient removal, optimizer step, decoder re-normalisation. ``extra_loss`` (a callable returning a
+    weighted scalar, e.g. the downstream-aware term) is back-propagated into the same gradients; the returned
+    loss includes it."""
     optimizer.zero_grad(set_to_none=True)
     losses, out = sae_loss(sae, x_BD, t_B, dead_NF, k_aux, aux_coefficient)
     losses.loss.backward()
+    if extra_loss is not None:  # after the first backward: sae_loss's buffers are free to be reused
+        extra = extra_loss()
+        extra.backward()
+        losses = losses._replace(loss=losses.loss.detach() + extra.detach())
     if grad_hook is not None:
         grad_hook(sae)
     sae.remove_parallel_grad()

@@ -20,21 +20,26 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 
 from tide.config import to_dict
 from tide.data import ActivationStore
+from tide.data.stats import compute_stats
 from tide.device import resolve_device
 from tide.errors import TideError
 from tide.io import atomic_write_json
 from tide.sae.config import SAEConfig
 from tide.sae.io import save_sae
 from tide.sae.model import SAE
-from tide.train.batches import Acts, BatchSource, complete_specs, dataset_batches, hook_rows, open_source, unpack
+from tide.train.batches import Acts, BatchSource, complete_specs, dataset_batches, open_source, spec_rows, unpack
 from tide.train.checkpoint import CHECKPOINTS, read_checkpoint, restore, save_checkpoint
 from tide.train.config import RESUME_INSENSITIVE, SAESpec, TrainConfig, lr_factor
+from tide.sae.timestep import fit_modulation
+
+if TYPE_CHECKING:  # imported on use: they load diffusers and transformer_lens
+    from tide.train.downstream import DownstreamObjective
 from tide.train.logging import TrainLogger
 from tide.train.objective import fired, train_step
 
@@ -67,6 +72,25 @@ class TrainResult:
     def sae_dir(self, name: str) -> Path:
         """Directory of the trained SAE ``name`` (cfg.json + sae.safetensors)."""
         return self.out / name
+
+
+def stats_key(spec: SAESpec) -> str:
+    """Which statistics normalise ``spec``'s input: its hook's, or those of its update target."""
+    return spec.hook if spec.target == "activation" else f"{spec.hook} - {spec.base_hook}"
+
+
+def init_modulation_from_adaln(sae: SAE, backbone, spec: SAESpec, stats) -> float:
+    """Start a TIDE SAE's modulation at the (scale, shift) with which the backbone's adaLN reads ``spec.hook``, at the
+    data's recorded timesteps (or 64 spread over [0, t_max] without statistics); returns the fit's relative error."""
+    if backbone is None:
+        raise TideError(f"SAE {spec.name!r}: modulation_init: adaln needs the backbone the data was captured from")
+    t_T = torch.as_tensor(stats[stats_key(spec)].timesteps_T, dtype=torch.float32) if stats is not None else \
+        torch.linspace(0, spec.t_max, 64)
+    with torch.no_grad():
+        scale_TD, shift_TD = backbone.reader_modulation(spec.hook, t_T)
+    if scale_TD.shape[-1] != spec.d_in:
+        raise TideError(f"SAE {spec.name!r}: the adaLN reading {spec.hook} has width {scale_TD.shape[-1]}, not {spec.d_in}")
+    return fit_modulation(sae.modulation, t_T, scale_TD.float(), shift_TD.float())
 
 
 def geometric_median(x_BD: torch.Tensor, iters: int = 30) -> torch.Tensor:
@@ -121,14 +145,18 @@ class Trainer:
     """Trains ``specs`` (default: ``config.saes``, each with its ``d_in`` set) on ``batches``.
 
     ``batches`` is a factory ``batches(start_step) -> Iterable`` (exact resume) or a plain iterable
-    read from the trainer's current step on (see :mod:`tide.train.batches`). ``stats`` maps a hook to
-    its :class:`~tide.data.TimestepStats` for the SAEs' normalisation (without it: identity);
-    ``trained_on`` names the data (recorded in each SAE's cfg.json and in error messages).
+    read from the trainer's current step on (see :mod:`tide.train.batches`). ``stats`` maps a hook (for an update
+    target, :func:`stats_key`) to its :class:`~tide.data.TimestepStats` for the SAEs' normalisation (without it:
+    identity);
+    ``trained_on`` names the data (recorded in each SAE's cfg.json and in error messages). ``downstream`` (a
+    :class:`~tide.train.downstream.DownstreamObjective`) is required when a spec has ``downstream_coefficient > 0``,
+    ``backbone`` (the data's) when one has ``modulation_init: adaln``.
     The config's ``data`` and ``shuffle_buffer`` are read by :func:`train`, not here.
     """
 
     def __init__(self, config: TrainConfig, batches: BatchSource, specs: list[SAESpec] | None = None,
-                 stats: Mapping[str, object] | None = None, trained_on: str | None = None):
+                 stats: Mapping[str, object] | None = None, trained_on: str | None = None,
+                 downstream: "DownstreamObjective | None" = None, backbone=None):
         config.validate()
         self.cfg = config
         self.source = batches
@@ -137,6 +165,14 @@ class Trainer:
         for spec in self.specs:
             if spec.d_in < 1:
                 raise TideError(f"SAE {spec.name!r}: set d_in (the activations' width) to train it on a batch source")
+        needs = [s.name for s in self.specs if s.downstream_coefficient > 0]
+        if needs and downstream is None:
+            raise TideError(f"SAE(s) {needs} have downstream_coefficient > 0: the trainer needs a DownstreamObjective "
+                            "(tide train builds one from the dataset's backbone)")
+        for spec in self.specs:
+            if spec.downstream_coefficient > 0:
+                downstream.hooked.check_hook_names([spec.hook])
+        self.downstream = downstream if needs else None
         self.dist = _Dist()
         self.device = resolve_device(config.device)
         self.out = Path(config.out)
@@ -147,7 +183,9 @@ class Trainer:
         for spec in self.specs:
             sae = SAE(SAEConfig(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(SAEConfig)})).to(self.device)
             if stats is not None:
-                sae.set_normalization(stats[spec.hook])
+                sae.set_normalization(stats[stats_key(spec)])
+            if spec.modulation_init == "adaln":
+                init_modulation_from_adaln(sae, backbone, spec, stats)
             self.saes[spec.name] = sae
             self.optims[spec.name] = torch.optim.Adam(sae.parameters(), lr=config.lr, betas=(0.9, 0.999))
             self.rows_since_fired[spec.name] = torch.zeros(sae.W_dec.shape[:2], dtype=torch.long, device=self.device)
@@ -161,10 +199,24 @@ class Trainer:
         config.validate()
         store = ActivationStore(config.data)
         specs = complete_specs(config.saes, store)
-        hooks = sorted({s.hook for s in specs})
-        stats = {h: store.stats(h) for h in hooks}
+        hooks = sorted({h for s in specs for h in s.input_hooks})
+        stats = {}
+        for spec in specs:
+            key = stats_key(spec)
+            if key not in stats:
+                stats[key] = store.stats(spec.hook) if spec.target == "activation" else \
+                    compute_stats(store, spec.hook, minus=spec.base_hook)
+        downstream = backbone = None
+        from tide.models.loading import load_captured_backbone
+        from tide.train.downstream import downstream_for_dataset
+
+        if any(s.downstream_coefficient > 0 for s in specs):
+            downstream = downstream_for_dataset(store, config)
+            backbone = downstream.hooked.backbone
+        elif any(s.modulation_init == "adaln" for s in specs):
+            backbone = load_captured_backbone(store.manifest, store.path, device=resolve_device(config.device))
         return cls(config, dataset_batches(store, hooks, config), specs=specs, stats=stats,
-                   trained_on=str(store.path))
+                   trained_on=str(store.path), downstream=downstream, backbone=backbone)
 
     @property
     def history(self) -> list[dict]:
@@ -218,7 +270,7 @@ class Trainer:
         for spec in self.specs:
             sae = self.saes[spec.name]
             with torch.no_grad():
-                x_n = sae(hook_rows(acts, spec.hook), t_B).x_n_BD
+                x_n = sae(spec_rows(acts, spec), t_B).x_n_BD
                 center = geometric_median(x_n) if self.cfg.b_dec_init == "median" else x_n.mean(0)
                 sae.b_dec.copy_(center.expand_as(sae.b_dec))
 
@@ -230,13 +282,20 @@ class Trainer:
         acts, t_B = self._rows(acts, t_B, self.dist.rank, self.dist.world)
         rows_per_step = self.cfg.batch_size
         metrics = {}
+        draw = self.downstream.draw(self.step) if self.downstream is not None else None
         for spec in self.specs:
             name, sae = spec.name, self.saes[spec.name]
             for group in self.optims[name].param_groups:
                 group["lr"] = self.cfg.lr * lr_factor(self.step, self.cfg)
             dead = self.rows_since_fired[name] >= self.cfg.dead_after_rows
-            losses, out = train_step(sae, self.optims[name], hook_rows(acts, spec.hook), t_B, dead,
-                                     self.cfg.k_aux, self.cfg.aux_coefficient, self.dist.average_grads)
+            down = {}
+            extra = None
+            if spec.downstream_coefficient > 0:
+                def extra(sae=sae, spec=spec):
+                    down["value"] = self.downstream.loss(sae, spec.hook, draw)
+                    return spec.downstream_coefficient * down["value"]
+            losses, out = train_step(sae, self.optims[name], spec_rows(acts, spec), t_B, dead,
+                                     self.cfg.k_aux, self.cfg.aux_coefficient, self.dist.average_grads, extra)
             if not torch.isfinite(losses.loss):
                 check = f", check the data with `tide data verify {self.trained_on}`" if self.trained_on else ""
                 raise TideError(f"SAE {name!r}: the loss became {losses.loss.item()} at step {self.step}; stopped. "
@@ -246,6 +305,8 @@ class Trainer:
             # tensors until a log step: converting every step would sync the device once per metric
             metrics[name] = {"loss": losses.loss.detach(), "fvu": losses.fvu, "l0": losses.l0,
                              "aux": losses.aux, "dead": dead.float().mean()}
+            if down:
+                metrics[name]["downstream"] = down["value"].detach()
         return metrics
 
     def run(self) -> TrainResult:
