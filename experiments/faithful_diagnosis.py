@@ -3,7 +3,8 @@
     python experiments/faithful_diagnosis.py --sae-dir runs/faithful/fmnist-pixart/saes
 
 Reads the SAEs and the held-out capture written by experiments/faithful.py (default: at block 4, the
-activation-MSE ``tide`` SAE against the downstream-aware ``tide-down``), and measures:
+activation-MSE ``tide`` SAE, with per-dimension normalisation, with the downstream-aware term, and on the
+block's update), and measures:
 
 1. **Which directions move the denoiser.** Principal directions of the hook's activations (held-out
    capture), each added at every token with the same norm (10% of the activations' RMS) to denoiser
@@ -33,11 +34,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from tide.data import ActivationStore  # noqa: E402
-from tide.eval.splice import denoiser_error, splice_fn  # noqa: E402
+from tide.eval.splice import denoiser_error, splice_fns  # noqa: E402
 from tide.hooks import HookedBackbone, current_step  # noqa: E402
 from tide.models import load_backbone  # noqa: E402
 from tide.sae import load_sae  # noqa: E402
-from tide.sampling import Intervention, SamplerConfig, Trajectory  # noqa: E402
+from tide.sampling import SamplerConfig, Trajectory  # noqa: E402
 from tide.train.downstream import collect_contexts  # noqa: E402
 
 
@@ -87,8 +88,8 @@ def error_energy(sae, store: ActivationStore, hook: str, directions_KD: np.ndarr
     energy = np.zeros(len(directions_KD))
     n = 0
     basis = torch.as_tensor(directions_KD, dtype=torch.float32)
-    for _, _, acts, meta in store.iter_blocks([hook], ("timestep",), 16384):
-        x = torch.as_tensor(acts[hook], dtype=torch.float32)
+    for _, _, acts, meta in store.iter_blocks(sae.cfg.input_hooks, ("timestep",), 16384):
+        x = torch.as_tensor(sae.cfg.rows(acts), dtype=torch.float32)  # the activation, or the block's update
         t = torch.as_tensor(meta["timestep"], dtype=torch.float32)
         e = sae.reconstruct(x, t) - x
         energy += ((e @ basis.T) ** 2).sum(0).numpy()
@@ -104,24 +105,21 @@ def spliced_run(backbone, sae, hook: str, conds, seeds, sampler):
     spliced latents to the clean ones."""
     n = sampler.num_steps
     sse, tot = np.zeros(n), np.zeros(n)
-    splice = splice_fn(sae, hook)
 
-    def fn(act, hook=None):
-        y = splice(act, hook)
+    def observe(x, y):
         i = current_step().step_index
-        x2 = act.reshape(-1, act.shape[-1]).double()
+        x2 = x.reshape(-1, x.shape[-1]).double()
         sse[i] += float(((y.reshape_as(x2).double() - x2) ** 2).sum())
         tot[i] += float(((x2 - x2.mean(0)) ** 2).sum())
-        return y
 
     hooked = HookedBackbone.of(backbone)
     clean = Trajectory(backbone, conds, seeds, list(range(len(conds))), sampler, hooked)
     spl = Trajectory(backbone, conds, seeds, list(range(len(conds))), sampler, hooked)
-    iv = Intervention(hook, fn)
+    hooks = splice_fns(sae, hook, observe)
     dist = np.zeros(n)
     for step_c, step_s in zip(clean, spl):
         clean.advance(step_c, clean.predict(step_c))
-        spl.advance(step_s, spl.predict(step_s, [(hook, iv.bound_fn(step_s.ctx))]))
+        spl.advance(step_s, spl.predict(step_s, hooks))
         dist[step_c.index] = float((spl.x - clean.x).norm() / clean.x.norm())
     return sse / tot, dist
 
@@ -131,7 +129,7 @@ def main() -> None:
     p.add_argument("--model", default="fmnist-pixart")
     p.add_argument("--sae-dir", default="runs/faithful/fmnist-pixart/saes")
     p.add_argument("--heldout", default="runs/faithful/fmnist-pixart/acts-heldout")
-    p.add_argument("--saes", default="tide-b4,tide-down-b4")
+    p.add_argument("--saes", default="tide-b4,tide-perdim-b4,tide-perdim-down-b4,tide-perdim-update-b4")
     p.add_argument("--num-steps", type=int, default=20)
     p.add_argument("--samples", type=int, default=20)
     p.add_argument("--directions", type=int, default=32, help="principal directions probed (spread over the spectrum)")
@@ -174,7 +172,7 @@ def main() -> None:
     ax.loglog(share_K[probe], sens, "o", color="k", label="output change per direction (norm 0.1 RMS)")
     ax.set_xlabel("variance share of principal direction")
     ax.set_ylabel("relative change of guided ε")
-    ax.set_title(f"{hook}: low-variance directions move the denoiser", fontsize=10)
+    ax.set_title(f"{hook}: output change per equal-norm push, per principal direction", fontsize=9)
     ax2 = ax.twinx()
     for name in names:
         ax2.loglog(share_K, report["saes"][name]["error_share"], lw=1, label=f"{name}: error share")

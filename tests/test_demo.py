@@ -20,10 +20,14 @@ def test_demo_runs_every_stage_and_reports_its_artefacts(backbone, tmp_path, cap
     for key in ("hooks", "samples", "activations", "sae", "eval_tide", "eval_plain", "feature_stats", "dashboard", "steering"):
         assert key in summary["artefacts"]
     assert (out / "samples.png").stat().st_size > 1000
-    assert summary["capture"]["rows"] == 10 * 8 * 49
+    assert summary["capture"]["rows"] == 10 * 8 * 49 * (1 if backbone else 2)  # pixart: both CFG branches
+    assert summary["eval"]["tide"]["config"]["sae"].endswith("tide")
+    assert summary["eval"]["tide"]["sae"]["config"]["target"] == "update"
+    assert "agreement_spliced" in summary["eval"]["tide"]["spliced_samples"]["classifier"]
     assert 0 < summary["eval"]["tide"]["reconstruction"]["overall"]["fvu"] < 1.5
     assert (out / "eval" / "tide" / "eval.png").exists()
     assert (out / "dashboard" / "index.html").exists() and list((out / "dashboard" / "features").glob("f*.html"))
     assert 0 <= summary["steering"]["target_rate_after"] <= 1 and (out / "steering.png").exists()
     printed = capsys.readouterr().out
     assert str(out / "summary.json") in printed
+    assert "spliced at every step, the classifier agrees" in printed

@@ -2,10 +2,12 @@
 
 Stages: load the embedded model, list its hooks, sample a grid of its ten class conditions with
 classifier-free guidance, score the samples with the evaluation classifier, capture the
-residual stream at every denoising step into an HDF5 dataset (verified and summarised), train a
-TIDE and a plain SAE on it in one pass, evaluate both (per-timestep FVU, spliced fidelity), map the
-TIDE SAE's features in one streaming pass, export a static dashboard, and steer generations of one
-class with the features most selective for another.
+residual stream before and after the middle block at every denoising step into an HDF5 dataset
+(verified and summarised), train a TIDE and a plain SAE on it in one pass with the faithful recipe
+(configs/faithful.yaml, scaled down: the block's update as the target, each dimension standardised),
+evaluate both (per-timestep FVU, and spliced into generation at every step: classifier agreement),
+map the TIDE SAE's features in one streaming pass, export a static dashboard, and steer generations of
+one class with the features most selective for another.
 """
 
 from __future__ import annotations
@@ -27,23 +29,26 @@ from tide.sampling import SamplerConfig
 class DemoConfig(GenerationConfig, BackboneConfig):
     """`tide demo`: every stage on a small scale."""
 
+    num_steps: int = 20
+    """Denoising steps of every stage (fmnist-pixart's DPM-Solver needs 20)."""
     guidance_scale: float | None = 3.0
     """Classifier-free guidance scale of the demo samples (the capture runs at the model's default: 3 for fmnist-pixart, 1 for fmnist-dit)."""
     out: str = "runs/demo"
     """Run directory; every artefact goes under it."""
     n_per_class: int = 8
     """Samples per class in the demo grid."""
-    capture_samples: int = 40
+    capture_samples: int = 80
     """Samples whose activations the demo captures (at every step, every token)."""
     capture_hooks: list[str] | None = None
-    """Hooks the demo captures; default: the middle block's residual stream."""
-    train_steps: int = 300
+    """Hooks the demo captures; default: the residual stream before and after the middle block (its update is what
+    the demo's SAEs read). The SAEs read the last hook given (its block's update when its resid_pre is captured too)."""
+    train_steps: int = 600
     """Training steps of the demo's SAEs (a TIDE and a plain TopK SAE, trained together)."""
     d_sae: int = 1024
     """Dictionary size of the demo's SAEs."""
-    k: int = 16
+    k: int = 32
     """Active latents per row of the demo's SAEs."""
-    splice_samples: int = 2
+    splice_samples: int = 5
     """Samples per class generated with each SAE spliced in at every step (0 skips it)."""
     dashboard_features: int = 16
     """Features of the TIDE SAE shown in the demo dashboard (the most frequent ones)."""
@@ -98,8 +103,11 @@ def run_demo(config: DemoConfig) -> dict:
     from tide.capture import CaptureConfig, capture
     from tide.data import ActivationStore
 
+    mid = hooked.default_hook()
+    hooks = config.capture_hooks or [mid.replace("resid_post", "resid_pre"), mid]
     cap = CaptureConfig(backbone=config.backbone, device=config.device, dtype=config.dtype, out=str(out / "activations"),
-                        hooks=config.capture_hooks, num_samples=config.capture_samples, num_steps=config.num_steps,
+                        hooks=hooks, num_samples=config.capture_samples, num_steps=config.num_steps,
+                        cfg_branch="both" if backbone.uses_cfg(backbone.default_guidance_scale) else "cond",
                         seed=config.seed, overwrite=True)
     start = time.perf_counter()
     manifest = capture(cap, backbone).manifest
@@ -117,11 +125,14 @@ def run_demo(config: DemoConfig) -> dict:
     from tide.eval.report import EvalConfig, evaluate
     from tide.train import SAESpec, TrainConfig, train
 
-    hook = next(iter(manifest["hooks"]))
-    specs = [SAESpec(name=name, hook=hook, d_sae=config.d_sae, k=config.k, conditioning=cond)
+    hook = hooks[-1]
+    pre = hook.replace("resid_post", "resid_pre")
+    target = "update" if pre != hook and pre in manifest["hooks"] else "activation"
+    specs = [SAESpec(name=name, hook=hook, d_sae=config.d_sae, k=config.k, conditioning=cond, target=target,
+                     normalization="per_dimension")
              for name, cond in (("tide", "tide"), ("plain", "none"))]
     run = TrainConfig(data=cap.out, out=str(out / "sae"), saes=specs, steps=config.train_steps, batch_size=2048,
-                      warmup_steps=min(50, config.train_steps // 5), checkpoint_every=0, overwrite=True,
+                      lr=1e-3, warmup_steps=min(50, config.train_steps // 5), checkpoint_every=0, overwrite=True,
                       device=config.device, seed=config.seed)
     trained = train(run)
     summary["train"] = {"steps": trained.steps, "seconds": round(trained.seconds, 1), "final": trained.final}
@@ -135,8 +146,13 @@ def run_demo(config: DemoConfig) -> dict:
         rec = result.report["reconstruction"]["overall"]
         summary["eval"][spec.name] = result.report
         artefacts[f"eval_{spec.name}"] = str(out / "eval" / spec.name)
-        print(f"[demo] {spec.name} SAE: FVU {rec['fvu']:.3f}, L0 {rec['l0']:.1f}, dead {rec['dead_fraction']:.1%} "
-              f"-> {out / 'eval' / spec.name / 'eval.png'}")
+        clf = (result.report.get("spliced_samples") or {}).get("classifier") or {}
+        spliced = ""
+        if "agreement_spliced" in clf:
+            spliced = (f"; spliced at every step, the classifier agrees with the requested class on "
+                       f"{clf['agreement_spliced']:.0%} of samples (clean {clf['agreement_clean']:.0%})")
+        print(f"[demo] {spec.name} SAE on the {target} at {hook}: FVU {rec['fvu']:.3f}, L0 {rec['l0']:.1f}, "
+              f"dead {rec['dead_fraction']:.1%}{spliced} -> {out / 'eval' / spec.name / 'eval.png'}")
     artefacts["sae"] = run.out
 
     # 6. feature statistics of the TIDE SAE, then a static dashboard

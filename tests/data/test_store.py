@@ -164,9 +164,11 @@ def test_stats_equal_a_numpy_reference_and_are_cached(data):
         np.testing.assert_allclose(st.mean_TD[k], xs.mean(0), rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(st.rms_T[k], np.sqrt((xs ** 2).sum(1).mean()), rtol=1e-10)
         np.testing.assert_allclose(st.var_T[k], ((xs - xs.mean(0)) ** 2).sum(1).mean(), rtol=1e-9)
+        np.testing.assert_allclose(st.var_TD[k], xs.var(0), rtol=1e-8, atol=1e-12)
     np.testing.assert_allclose(st.mean_D, x.mean(0), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(st.rms, np.sqrt((x ** 2).sum(1).mean()), rtol=1e-10)
     np.testing.assert_allclose(st.var, ((x - x.mean(0)) ** 2).sum(1).mean(), rtol=1e-9)
+    np.testing.assert_allclose(st.var_D, x.var(0), rtol=1e-8, atol=1e-12)
     assert st.rms_T[-1] > st.rms_T[0]  # the fixture grows with the step
     assert st.index_of([901.0, 400.0, 0.0]).tolist() == [0, 2, 3]
 
@@ -175,6 +177,7 @@ def test_stats_equal_a_numpy_reference_and_are_cached(data):
         cached = ActivationStore(data.path).stats(H1)
     np.testing.assert_allclose(cached.mean_TD, st.mean_TD, rtol=1e-12)
     np.testing.assert_allclose(cached.var_T, st.var_T, rtol=1e-12)
+    np.testing.assert_allclose(cached.var_TD, st.var_TD, rtol=1e-9, atol=1e-12)
     assert cached.count_T.tolist() == st.count_T.tolist()
 
     other = ActivationStore(data.path).stats(H0)  # a second hook joins the cache

@@ -83,13 +83,21 @@ def test_update_targets_need_both_hooks_and_a_resid_post_hook(tiny_dit, tmp_path
         SAEConfig(d_in=D, hook="blocks.1.hook_attn_out", target="update").validate()
 
 
-def test_analysis_refuses_update_targets(tiny_dit, tmp_path):
+def test_feature_stats_and_steering_read_the_update(tiny_dit, tmp_path):
+    """Feature statistics encode resid_post - resid_pre; add edits work (adding to the block's output adds to its
+    update), edits that encode the activation are refused."""
     from tide.analysis.feature_stats import compute_feature_stats
     from tide.analysis.steering import FeatureEdit, steering_intervention
 
-    data = capture_tiny(tiny_dit, tmp_path / "ds")
+    data = capture_tiny(tiny_dit, tmp_path / "ds", hooks=[PRE, HOOK])
     sae = _update(identity_sae())
+    stats = compute_feature_stats(sae, data)
+    store = ActivationStore(data)
+    rows = [(b[HOOK] - b[PRE])[m["cfg_branch"] == 0] for _, _, b, m in store.iter_blocks([PRE, HOOK], ("cfg_branch",))]
+    diff = np.concatenate(rows)
+    # the identity SAE's feature i fires with |update_i| (i < D on positive, D + i on negative values)
+    np.testing.assert_allclose(stats.topk_value[:D, 0], np.maximum(diff, 0).max(0), rtol=1e-5)
+    np.testing.assert_allclose(stats.topk_value[D:, 0], np.maximum(-diff, 0).max(0), rtol=1e-5)
+    steering_intervention(sae, [FeatureEdit(0, "add", alpha=1.0)])
     with pytest.raises(TideError, match="update"):
-        compute_feature_stats(sae, data)
-    with pytest.raises(TideError, match="update"):
-        steering_intervention(sae, [FeatureEdit(0, "add", alpha=1.0)])
+        steering_intervention(sae, [FeatureEdit(0, "clamp", value=1.0)])

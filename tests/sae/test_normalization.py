@@ -41,3 +41,33 @@ def test_normalisation_statistics_of_another_width_are_refused():
     sae = SAE(make_sae("topk", "none", "global", d=8).cfg)
     with pytest.raises(TideError, match="width 6"):
         sae.set_normalization(stats(6))
+
+
+def test_per_dimension_normalisation_standardises_each_dimension():
+    st = stats(8)
+    sae = make_sae("topk", "none", "per_dimension", d=8)
+    x = torch.randn(5, 8)
+    out = sae(x, torch.tensor([0.0, 100.0, 500.0, 800.0, 999.0]))
+    want = (x - torch.as_tensor(st.mean_D, dtype=torch.float32)) / torch.as_tensor(st.var_D, dtype=torch.float32).sqrt()
+    torch.testing.assert_close(out.x_n_BD, want)
+    per_t = make_sae("topk", "none", "per_timestep_dimension", d=8)
+    out = per_t(x, torch.tensor([499.0] * 5))  # nearest recorded timestep: 500 (row 2)
+    want = (x - torch.as_tensor(st.mean_TD[2], dtype=torch.float32)) / torch.as_tensor(st.var_TD[2], dtype=torch.float32).sqrt()
+    torch.testing.assert_close(out.x_n_BD, want)
+
+
+def test_saes_saved_with_one_scale_per_timestep_still_load(tmp_path):
+    """Files written before per-dimension scales hold ``norm_scale_T`` (T,): it loads as the same scale on every dimension."""
+    from safetensors.torch import load_file, save_file
+
+    from tide.sae import load_sae, save_sae
+
+    sae = make_sae("topk", "none", "per_timestep", d=8)
+    save_sae(sae, tmp_path / "s")
+    state = load_file(str(tmp_path / "s" / "sae.safetensors"))
+    scale_TD = state.pop("norm_scale_TD")
+    state["norm_scale_T"] = scale_TD[:, 0].contiguous()
+    save_file(state, str(tmp_path / "s" / "sae.safetensors"))
+    loaded = load_sae(tmp_path / "s")
+    x, t = torch.randn(4, 8), torch.tensor([0.0, 260.0, 740.0, 999.0])
+    torch.testing.assert_close(loaded(x, t).x_hat_BD, sae(x, t).x_hat_BD)

@@ -213,7 +213,7 @@ def _load_inputs(config: DashboardConfig):
 
 
 def _regenerate_for(config: DashboardConfig, stats: FeatureStats, manifest: dict, data_path, backbone,
-                    occ: dict[int, list[Occurrence]]):
+                    occ: dict[int, list[Occurrence]], minus: str | None = None):
     """(backbone, regenerated samples) for the occurrences; the backbone is loaded when needed and not given."""
     from tide.models.loading import load_backbone
 
@@ -229,7 +229,8 @@ def _regenerate_for(config: DashboardConfig, stats: FeatureStats, manifest: dict
                                  dtype=cfgm.get("dtype", "float32"))
     check_conditions(manifest, backbone, stats.sample_cond, needs)
     branch = 1 if stats.attrs.get("cfg_branch") == 1 else 0
-    return backbone, regenerate(backbone, stats.hook, manifest, needs, branch, config.batch_size, config.progress)
+    return backbone, regenerate(backbone, stats.hook, manifest, needs, branch, config.batch_size, config.progress,
+                                minus=minus)
 
 
 def export_dashboard(config: DashboardConfig, backbone=None) -> DashboardResult:
@@ -245,7 +246,8 @@ def export_dashboard(config: DashboardConfig, backbone=None) -> DashboardResult:
     names = stats.condition_names or [str(c) for c in range(stats.auroc.shape[0])]
 
     occ = {f: top_occurrences(stats, f, config.images_per_feature) for f in features}
-    backbone, regen = _regenerate_for(config, stats, manifest, data_path, backbone, occ)
+    backbone, regen = _regenerate_for(config, stats, manifest, data_path, backbone, occ,
+                                      minus=getattr(sae.cfg, "base_hook", None))
     heat = feature_heatmaps(sae, regen, occ, stats.patch_grid)
 
     neighbours = decoder_neighbours(sae.W_dec, features, config.neighbours)

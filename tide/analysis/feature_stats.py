@@ -44,7 +44,6 @@ from tide.io import atomic_path, canonical_hash, tensors_hash
 from tide.data import ActivationStore
 from tide.device import eval_mode, resolve_device
 from tide.errors import TideError
-from tide.eval.metrics import require_activation_target
 
 SCHEMA = "tide.feature_stats"
 SCHEMA_VERSION = 1
@@ -211,8 +210,8 @@ def compute_feature_stats(sae, store_or_path, hook: str | None = None, top_k: in
         hook = cfg.hook or (next(iter(store.hooks)) if len(store.hooks) == 1 else None)
         if hook is None:
             raise TideError(f"the SAE names no hook and {store.path} holds several {list(store.hooks)}: pass hook=")
-    store.check_hooks([hook])
-    require_activation_target(sae, "tide stats")
+    inputs = cfg.input_hooks if getattr(cfg, "target", "activation") == "update" else [hook]  # update: post - pre
+    store.check_hooks(inputs)
     if cfg.hook and cfg.hook != hook:
         raise TideError(f"the SAE was trained on hook {cfg.hook!r} but the statistics were asked for hook {hook!r}: "
                         f"use an SAE trained on {hook!r} or pass hook={cfg.hook!r}")
@@ -260,12 +259,13 @@ def compute_feature_stats(sae, store_or_path, hook: str | None = None, top_k: in
     processed = 0
     try:
         with torch.no_grad(), eval_mode(sae):
-            for _, _, acts, meta in store.iter_blocks([hook], COLUMNS, block_rows=batch_size):
+            for _, _, acts, meta in store.iter_blocks(inputs, COLUMNS, block_rows=batch_size):
                 bar.update(len(meta["timestep"]))
                 keep = None if cfg_branch is None else meta["cfg_branch"] == cfg_branch
                 if keep is not None and not keep.any():
                     continue
-                x = acts[hook] if keep is None else acts[hook][keep]
+                x = cfg.rows(acts) if len(inputs) > 1 else acts[hook]
+                x = x if keep is None else x[keep]
                 cols = {c: (v if keep is None else v[keep]) for c, v in meta.items()}
                 sp = step_pos[np.clip(cols["step_index"], 0, len(step_pos) - 1)]
                 if (sp < 0).any() or (cols["step_index"] >= len(step_pos)).any():

@@ -81,9 +81,10 @@ def check_conditions(manifest: dict, backbone, sample_cond: np.ndarray, sample_i
 
 
 def regenerate(backbone, hook: str, manifest: dict, needs: dict[int, set[int]], branch: int = 0,
-               batch_size: int = 64, progress: bool = False) -> Regenerated:
+               batch_size: int = 64, progress: bool = False, minus: str | None = None) -> Regenerated:
     """Regenerate the samples in ``needs`` (sample id -> step indices) in one batched sampling run,
-    recording the ``hook`` activation of their ``branch`` rows (0 = conditional) at those steps."""
+    recording the ``hook`` activation of their ``branch`` rows (0 = conditional) at those steps (minus the
+    activation at hook ``minus`` in the same call, for SAEs on a block's update)."""
     from tide.hooks import current_step
     from tide.sampling import Intervention, SamplerConfig, sample
 
@@ -94,10 +95,18 @@ def regenerate(backbone, hook: str, manifest: dict, needs: dict[int, set[int]], 
     timesteps: dict[int, float] = {}
     all_steps = set().union(*needs.values()) if needs else set()
 
+    base: dict[str, torch.Tensor] = {}
+
+    def record_base(act_BTD, hook):
+        base["x"] = act_BTD
+        return None
+
     def record(act_BTD, hook):
         ctx = current_step()
         if ctx is None or ctx.step_index not in all_steps:
             return None
+        if minus is not None:
+            act_BTD = act_BTD - base.pop("x")
         timesteps[ctx.step_index] = ctx.timestep
         for row in range(act_BTD.shape[0]):
             sid = int(ctx.sample_ids_B[row])
@@ -109,7 +118,8 @@ def regenerate(backbone, hook: str, manifest: dict, needs: dict[int, set[int]], 
                            batch_size=batch_size)
     if not ids:
         return Regenerated({}, acts, timesteps)
-    out = sample(backbone, list(conds), list(seeds), config, interventions=[Intervention(hook, record)],
+    recorders = ([Intervention(minus, record_base)] if minus is not None else []) + [Intervention(hook, record)]
+    out = sample(backbone, list(conds), list(seeds), config, interventions=recorders,
                  progress=progress, sample_ids=ids)
     missing = [(s, t) for s in ids for t in needs[s] if (s, t) not in acts]
     if missing:

@@ -32,7 +32,7 @@ from tide.branches import CfgBranch
 from tide.config import DEFAULT_BACKBONE, BackboneConfig, GenerationConfig
 from tide.device import eval_mode
 from tide.errors import TideError
-from tide.eval.metrics import check_sae_hook, require_activation_target
+from tide.eval.metrics import check_sae_hook
 from tide.eval.splice import check_splice
 from tide.hooks import HookedBackbone, is_text_hook, require_step
 from tide.sampling import Intervention, SampleOutput, SamplerConfig, sample
@@ -143,7 +143,10 @@ def steering_intervention(sae, edits: Sequence[FeatureEdit], steps: tuple[int, i
             raise TideError("the SAE's config names no hook: pass hook=... to steering_intervention")
         hook = trained
     check_sae_hook(sae, hook)
-    require_activation_target(sae, "steering")
+    if getattr(sae.cfg, "target", "activation") != "activation" and \
+            any(e.mode != "add" for e in _check_edits(edits, sae.cfg.d_sae)):
+        raise TideError("clamp and ablate edits encode the hook's activation, but this SAE reads the block's update: "
+                        "use add edits (adding a decoder direction to the block's output adds it to its update)")
     if steps is not None and (len(steps) != 2 or steps[0] >= steps[1]):
         raise TideError(f"steps must be a (start, stop) window with start < stop, got {steps}")
     if timesteps is not None and (len(timesteps) != 2 or timesteps[0] > timesteps[1]):

@@ -58,14 +58,6 @@ def check_sae_hook(sae, hook: str) -> None:
                         f"evaluate it at {trained!r}, or load an SAE trained on {hook!r}")
 
 
-def require_activation_target(sae, what: str) -> None:
-    """Refuse an SAE whose target is not its hook's activation where ``what`` reads activations directly."""
-    target = getattr(sae.cfg, "target", "activation")
-    if target != "activation":
-        raise TideError(f"{what} reads the hook's activations, but this SAE's target is {target!r} "
-                        "(the block's update): it is supported by tide train, tide eval and the splice only")
-
-
 def _nan_to_none(v):
     if isinstance(v, float) and not np.isfinite(v):
         return None

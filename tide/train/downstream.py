@@ -6,6 +6,8 @@ measures that directly, as :func:`tide.eval.splice.denoiser_error` does, and tra
 
     L_down = ||eps(x_t, t, c | hook <- SAE(act)) - eps(x_t, t, c)||^2 / ||eps(x_t, t, c)||^2
 
+(with classifier-free guidance, eps is the guided output, both halves spliced, as the sampler sees it)
+
 over a few denoiser inputs (x_t, t, c) at one timestep, back-propagated through the blocks after the
 hook into the SAE (the blocks before it run without a graph; the backbone's weights stay frozen).
 The trainer adds ``downstream_coefficient * L_down`` to the activation FVU (end-to-end SAEs,
@@ -37,7 +39,8 @@ class Contexts:
     """Denoiser inputs along real trajectories, with the clean output of every row."""
 
     x_in_NCHW: torch.Tensor
-    """Model inputs (after the scheduler's input scaling), one row per (sample, step, CFG branch), float32 on CPU."""
+    """Model inputs (after the scheduler's input scaling), one row per (sample, step) for guided contexts and per
+    (sample, step, CFG branch) otherwise, float32 on CPU."""
     out_NCHW: torch.Tensor
     """The denoiser's clean output for each row (guided, or that branch's own), float32 on CPU."""
     step_N: torch.Tensor
