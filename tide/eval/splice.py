@@ -141,7 +141,8 @@ class DenoiserError(NamedTuple):
     ablation_error_T: np.ndarray
     """The same with the activation mean-ablated instead of spliced."""
     fvu_T: np.ndarray
-    """The SAE's FVU on the activations it replaced at that step (every row and token of the call)."""
+    """The SAE's FVU on its inputs at that step (every row and token of the call): the activations it replaced, or
+    for an update-target SAE the block's updates."""
     ablation: str
     """Which mean the baseline used: ``data`` (the dataset's per-timestep mean) or ``batch``."""
     latents: torch.Tensor

@@ -143,7 +143,8 @@ def downstream_loss(hooked: HookedBackbone, sae, hook: str, contexts: Contexts, 
 
 
 class DownstreamObjective:
-    """The downstream term for the SAEs of one run: the contexts, the frozen hooked backbone, and a seeded draw."""
+    """The downstream term for the SAEs of one run: the contexts, the frozen hooked backbone, and a seeded draw.
+    Building it freezes the backbone (``requires_grad_(False)``, eval mode) in place."""
 
     def __init__(self, backbone: Backbone, contexts: Contexts, rows_per_step: int, seed: int = 0):
         if rows_per_step < 1:
