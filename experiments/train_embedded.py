@@ -68,6 +68,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def warmup_cosine_lr(step: int, lr: float, warmup: int, planned: int) -> float:
+    """Linear warm-up to ``lr`` over ``warmup`` steps, then a cosine to 10% of it over the planned run."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, planned - warmup))
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -222,11 +230,7 @@ def train_dit(args, device, train_x, train_y):
     model.train()
 
     def lr_at(s):
-        if s < args.warmup:
-            return args.lr * (s + 1) / args.warmup
-        # cosine to 10% over the planned run
-        frac = min(1.0, (s - args.warmup) / max(1, planned - args.warmup))
-        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        return warmup_cosine_lr(s, args.lr, args.warmup, planned)
 
     while step < planned:
         idx = torch.randint(0, n, (args.batch_size,), device=device, generator=gen)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import platform
 import shutil
 import sys
@@ -46,7 +45,7 @@ from tide.eval.attributes import WORDS, AttributeThresholds  # noqa: E402
 from tide.eval.classifier import EvalClassifier  # noqa: E402
 from tide.eval.fashion_mnist import CLASS_NAMES, DEFAULT_ROOT, load_fashion_mnist  # noqa: E402
 from tide.models.vocabulary import Vocabulary  # noqa: E402
-from train_embedded import pick_device  # noqa: E402  (experiments/ is on sys.path when run as a script)
+from train_embedded import pick_device, warmup_cosine_lr  # noqa: E402  (experiments/ is on sys.path when run as a script)
 
 CLASS_WORDS = [n.lower() for n in CLASS_NAMES]
 ALIASES = {"t-shirt": "t-shirt/top", "tshirt": "t-shirt/top", "top": "t-shirt/top", "trousers": "trouser",
@@ -222,10 +221,7 @@ def train(args, device, train_x, train_y, attr_words, word_index):
     model.train()
 
     def lr_at(s):
-        if s < args.warmup:
-            return args.lr * (s + 1) / args.warmup
-        frac = min(1.0, (s - args.warmup) / max(1, planned - args.warmup))
-        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        return warmup_cosine_lr(s, args.lr, args.warmup, planned)
 
     while step < planned:
         idx = torch.randint(0, n, (args.batch_size,), device=device, generator=gen)

@@ -288,12 +288,13 @@ class Trainer:
             for group in self.optims[name].param_groups:
                 group["lr"] = self.cfg.lr * lr_factor(self.step, self.cfg)
             dead = self.rows_since_fired[name] >= self.cfg.dead_after_rows
-            down = {}
-            extra = None
-            if spec.downstream_coefficient > 0:
-                def extra(sae=sae, spec=spec):
-                    down["value"] = self.downstream.loss(sae, spec.hook, draw)
-                    return spec.downstream_coefficient * down["value"]
+            down: dict[str, torch.Tensor] = {}  # the unweighted downstream term, for the log
+
+            def downstream_term(sae=sae, spec=spec):
+                down["value"] = self.downstream.loss(sae, spec.hook, draw)
+                return spec.downstream_coefficient * down["value"]
+
+            extra = downstream_term if spec.downstream_coefficient > 0 else None
             losses, out = train_step(sae, self.optims[name], spec_rows(acts, spec), t_B, dead,
                                      self.cfg.k_aux, self.cfg.aux_coefficient, self.dist.average_grads, extra)
             if not torch.isfinite(losses.loss):
