@@ -39,20 +39,24 @@ def make_data(torch, d: int, f: int, batch: int, dead_fraction: float, device, n
 
 
 # ---------------------------------------------------------------------------------------------- implementations
-def tide_impl(torch, a, xs, dead):
+def tide_impl(torch, a, xs, dead, aux_row_stride=None):
     from tide.sae import SAE, SAEConfig
-    from tide.train.objective import train_step
+    from tide.train import TrainConfig
+    from tide.train.objective import make_optimizer, train_step
 
+    stride = TrainConfig.aux_row_stride if aux_row_stride is None else aux_row_stride
     torch.manual_seed(0)
     sae = SAE(SAEConfig(d_in=a.d, d_sae=a.f, k=a.k, sparsity="topk", conditioning="none", normalization="none")).to(a.device)
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    opt = make_optimizer(sae.parameters(), 1e-4)
     t_B = torch.zeros(a.batch, device=a.device)
     dead_NF = dead[None]
 
     def step(x, aux: bool):
-        train_step(sae, opt, x, t_B, dead_NF if aux else None, k_aux=a.k_aux, aux_coefficient=1 / 32)
+        train_step(sae, opt, x, t_B, dead_NF if aux else None, k_aux=a.k_aux, aux_coefficient=1 / 32,
+                   aux_row_stride=stride)
 
-    return step, {"k_aux": a.k_aux, "aux_coefficient": 1 / 32, "optimizer": "torch.optim.Adam",
+    return step, {"k_aux": a.k_aux, "aux_coefficient": 1 / 32, "aux_row_stride": stride,
+                  "optimizer": f"torch.optim.Adam (fused={bool(opt.defaults['fused'])})",
                   "step": "tide.train.objective.train_step (the trainer's step)"}
 
 
@@ -153,24 +157,27 @@ def saelens_impl(torch, a, xs, dead, sparse: bool = False):
 
 
 def matmul_impl(torch, a, xs, dead):
-    """The encoder's dense product alone, into a preallocated output: the roofline."""
+    """The encoder's dense product alone (no bias), into a preallocated output: the roofline."""
     W = torch.randn(a.f, a.d, device=a.device)
-    b = torch.zeros(a.f, device=a.device)
     out = torch.empty(a.batch, a.f, device=a.device)
 
     def step(x, aux: bool):
-        torch.addmm(b, x, W.T, out=out)
+        torch.mm(x, W.T, out=out)
 
     return step, {"flops_per_step": 2 * a.batch * a.f * a.d}
 
 
-def tide_trainer_default_impl(torch, a, xs, dead):
-    """tide with the trainer's default AuxK k (256, twice what the others use at d_in 256)."""
-    a.k_aux = 256
-    return tide_impl(torch, a, xs, dead)
+def tide_every_row_impl(torch, a, xs, dead):
+    """tide with AuxK on every row of the batch (aux_row_stride 1), as the others run it."""
+    return tide_impl(torch, a, xs, dead, aux_row_stride=1)
 
 
-IMPLS = {"tide": tide_impl, "tide_kaux256": tide_trainer_default_impl, "naive": naive_impl, "sparsify": sparsify_impl, "saelens": saelens_impl,
+def tide_every_2nd_row_impl(torch, a, xs, dead):
+    """tide with AuxK on every 2nd row of the batch (aux_row_stride 2)."""
+    return tide_impl(torch, a, xs, dead, aux_row_stride=2)
+
+
+IMPLS = {"tide": tide_impl, "tide_every_row": tide_every_row_impl, "tide_every_2nd_row": tide_every_2nd_row_impl, "naive": naive_impl, "sparsify": sparsify_impl, "saelens": saelens_impl,
          "saelens_sparse": lambda *args: saelens_impl(*args, sparse=True), "matmul": matmul_impl}
 
 
@@ -187,6 +194,8 @@ def main() -> None:
     p.add_argument("--dead-fraction", type=float, default=0.5)
     a = p.parse_args()
 
+    if a.impl.startswith("tide"):
+        import tide  # noqa: F401  (before torch, as in the `tide` command: it sets OMP_WAIT_POLICY)
     import torch
 
     torch.set_num_threads(a.threads)
@@ -194,6 +203,7 @@ def main() -> None:
     xs, dead = make_data(torch, a.d, a.f, a.batch, a.dead_fraction, a.device)
     step, info = IMPLS[a.impl](torch, a, xs, dead)
     sync = torch.cuda.synchronize if a.device.type == "cuda" else (lambda: None)
+    info["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY")
     hello = {"ready": a.impl, "info": info, "torch": torch.__version__, "threads": torch.get_num_threads(),
              "python": sys.version.split()[0], "packages": versions("torch", "sae-lens", "eai-sparsify", "tide")}
     print(json.dumps(hello), flush=True)

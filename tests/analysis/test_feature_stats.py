@@ -80,6 +80,8 @@ def check_against_reference(stats: FeatureStats, sae: SAE, path):
         np.testing.assert_array_equal(stats.fire_count_step[i], fire[at].sum(0))
         np.testing.assert_allclose(stats.frequency_step[i], fire[at].mean(0))
         np.testing.assert_allclose(stats.mean_act_step[i], z[at].mean(0), rtol=1e-5, atol=1e-7)
+        rms = np.sqrt((x[at].astype(np.float64) ** 2).sum(-1).mean())  # R(t) of the hook's activations
+        assert stats.act_rms_step[i] == pytest.approx(rms, rel=1e-6)
         assert stats.timesteps[i] == pytest.approx(float(meta["timestep"][at][0]))
 
     # top-k: the values are the K largest positive activations; each occurrence's metadata points at a row
@@ -140,7 +142,7 @@ def test_topk_sae_matches_brute_force(dataset, tmp_path):
     assert out.name == "feature_stats.h5" and not list(tmp_path.glob("*.tmp"))
     back = load_feature_stats(out)
     for name in ("topk_value", "topk_sample", "topk_timestep", "auroc", "auroc_step", "image_acts_step",
-                 "fire_count_step", "spatial_sum"):
+                 "fire_count_step", "spatial_sum", "act_sq_step"):
         np.testing.assert_array_equal(getattr(back, name), getattr(stats, name))
     assert back.attrs == stats.attrs
     assert back.patch_grid == stats.patch_grid and back.condition_names == stats.condition_names

@@ -1,7 +1,9 @@
+import json
+
 import pytest
 import torch
 
-from tide.analysis.steering import FeatureEdit, edit_generation, save_before_after, steering_intervention
+from tide.analysis.steering import FeatureEdit, HookScale, edit_generation, save_before_after, steering_intervention
 from tide.errors import TideError
 from tide.hooks import COND, UNCOND, StepContext, step_context
 from tide.sae.config import SAEConfig
@@ -85,6 +87,69 @@ def test_clamp_and_ablate_keep_the_error_term(device, sae):
     out = call(steering_intervention(sae, [FeatureEdit(f, "clamp", value=3.0), FeatureEdit(0, "add", alpha=1.5)]), x, t)
     expect = x.reshape(-1, 16) + (3.0 - z[:, f:f + 1]) * W[f] + 1.5 * W[0]
     torch.testing.assert_close(out.reshape(-1, 16), expect, atol=1e-5, rtol=1e-5)
+
+
+def test_clamping_a_latent_to_its_current_value_returns_the_activation_exactly(device, sae):
+    x = torch.randn(1, 1, 16, device=device)
+    t = 300.0
+    z = sae.encode(x.reshape(-1, 16), torch.full((1,), t, device=device)).detach()[0]
+    f = int(z.argmax())
+    assert z[f] > 0
+    out = call(steering_intervention(sae, [FeatureEdit(f, "clamp", value=float(z[f]))]), x, t)
+    assert torch.equal(out, x)
+    out = call(steering_intervention(sae, [FeatureEdit(f, "add", alpha=0.0), FeatureEdit((f + 1) % 32, "add", alpha=0.0,
+                                                                                         scale="norm")],
+                                     hook_scale=HookScale(HOOK, (t,), (2.0,))), x, t)
+    assert torch.equal(out, x)
+
+
+def test_edits_keep_the_error_term_with_its_sign(device, sae):
+    """Ablating every feature leaves the decoder bias plus the SAE's error x - x^ (not 2 x^ - x or x^ - x)."""
+    x = torch.randn(2, 16, 16, device=device)
+    t = 700.0
+    x_ND = x.reshape(-1, 16)
+    recon = sae.reconstruct(x_ND, torch.full((len(x_ND),), t, device=device)).detach()
+    bias = sae.fold(t).b_dec[0]
+    out = call(steering_intervention(sae, [FeatureEdit(f, "ablate") for f in range(32)]), x, t)
+    torch.testing.assert_close(out.reshape(-1, 16) - bias, x_ND - recon, atol=1e-5, rtol=1e-5)
+
+
+def test_norm_relative_add_is_alpha_times_r_of_t_along_the_unit_direction(device, sae):
+    x = torch.randn(2, 16, 16, device=device)
+    scale = HookScale(HOOK, (900.0, 100.0), (3.0, 0.5))
+    iv = steering_intervention(sae, [FeatureEdit(5, "add", alpha=0.2, scale="norm")], hook_scale=scale)
+    for t, r in ((880.0, 3.0), (150.0, 0.5)):  # the nearest recorded timestep's R(t)
+        W = sae.fold(t).W_dec[0]
+        torch.testing.assert_close(call(iv, x, t) - x, (0.2 * r * W[5] / W[5].norm()).expand_as(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(TideError, match="need R\\(t\\) of the hook: pass hook_scale="):
+        steering_intervention(sae, [FeatureEdit(5, "add", alpha=0.2, scale="norm")])
+    with pytest.raises(TideError, match="measured at 'blocks.0.hook_resid_post', not at the edited hook"):
+        steering_intervention(sae, [FeatureEdit(5, alpha=0.2, scale="norm")], hook_scale=HookScale("blocks.0.hook_resid_post", (1.0,), (1.0,)))
+
+
+def test_gated_add_edits_only_where_the_feature_fires(device, sae):
+    x = torch.randn(2, 16, 16, device=device)
+    t = 400.0
+    z = sae.encode(x.reshape(-1, 16), torch.full((32,), t, device=device)).detach()
+    f = int(z.ne(0).sum(0).argmax())
+    fires = z[:, f] > 0
+    assert 0 < int(fires.sum()) < len(fires)
+    out = call(steering_intervention(sae, [FeatureEdit(f, "add", alpha=2.0, gate=True)]), x, t).reshape(-1, 16)
+    W = sae.fold(t).W_dec[0]
+    assert torch.equal(out[~fires], x.reshape(-1, 16)[~fires])
+    torch.testing.assert_close(out[fires] - x.reshape(-1, 16)[fires], (2.0 * W[f]).expand(int(fires.sum()), -1),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_cfg_branch_adds_to_conditional_rows_and_subtracts_from_unconditional_ones(device, sae):
+    x = torch.randn(2, 16, 16, device=device)
+    iv = steering_intervention(sae, [FeatureEdit(3, "add", alpha=1.5)], branch="cfg")
+    out = call(iv, x, t=500.0, branches=(COND, UNCOND))
+    d = 1.5 * sae.fold(500.0).W_dec[0][3]
+    torch.testing.assert_close(out[0] - x[0], d.expand(16, -1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1] - x[1], -d.expand(16, -1), atol=1e-5, rtol=1e-5)
+    with pytest.raises(TideError, match="branch must be one of"):
+        steering_intervention(sae, [FeatureEdit(3, "add", alpha=1.5)], branch="neither")
 
 
 @pytest.mark.parametrize("flat", [False, True])
@@ -180,6 +245,14 @@ def test_steer_command_writes_a_grid_and_names_bad_input(tiny_dit_dir, tmp_path,
     assert main(args + ["--features", "3", "--from-step", "6"]) == 2
     err = capsys.readouterr().err
     assert "0..31" in err and "unknown mask region 'middle'" in err and "outside the 4-step schedule" in err
+    (tmp_path / "steer.png").unlink()
+    assert main(args + ["--features", "3", "--scale", "norm"]) == 2
+    assert main(args + ["--features", "3", "--branch", "sideways"]) == 2
+    assert not (tmp_path / "steer.png").exists()
+    err = capsys.readouterr().err
+    assert "--scale norm needs the SAE's feature statistics for R(t): pass --stats" in err and "sideways" in err
+    assert main(args + ["--features", "3,5", "--alpha", "2", "--branch", "cfg", "--gate"]) == 0
+    assert json.loads((tmp_path / "steer.json").read_text())["config"]["branch"] == "cfg"
 
 
 def test_steer_run_returns_a_result_whose_dict_is_the_json_summary(tiny_dit_dir, tmp_path):

@@ -98,6 +98,10 @@ def test_feature_stats_and_steering_read_the_update(tiny_dit, tmp_path):
     # the identity SAE's feature i fires with |update_i| (i < D on positive, D + i on negative values)
     np.testing.assert_allclose(stats.topk_value[:D, 0], np.maximum(diff, 0).max(0), rtol=1e-5)
     np.testing.assert_allclose(stats.topk_value[D:, 0], np.maximum(-diff, 0).max(0), rtol=1e-5)
+    post = np.concatenate([b[HOOK][m["cfg_branch"] == 0] for _, _, b, m in store.iter_blocks([HOOK], ("cfg_branch",))])
+    rms_all = np.sqrt((post.astype(np.float64) ** 2).sum(-1).mean())  # R(t) is the output's scale, not the update's
+    weights = stats.rows_per_step / stats.rows_per_step.sum()
+    assert np.sqrt((weights * stats.act_rms_step ** 2).sum()) == pytest.approx(rms_all, rel=1e-6)
     steering_intervention(sae, [FeatureEdit(0, "add", alpha=1.0)])
     with pytest.raises(TideError, match="update"):
         steering_intervention(sae, [FeatureEdit(0, "clamp", value=1.0)])

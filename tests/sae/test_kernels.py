@@ -49,6 +49,11 @@ def test_sparse_products_match_dense_products():
     torch.testing.assert_close(kn.sparse_matmul(idx, vals, W), Z @ W)
     torch.testing.assert_close(kn.sparse_t_matmul(idx, vals, X, 40), Z.T @ X)
     torch.testing.assert_close(kn.gather_dot(idx, X, W), (X @ W.T).gather(1, idx))
+    b = torch.randn(40)
+    torch.testing.assert_close(kn.encoder_product(X, W, b), X @ W.T + b)
+    out = torch.full((24, 40), float("nan"))
+    assert kn.encoder_product(X, W, b, out=out).data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, X @ W.T + b)
 
 
 def as_dense(idx, vals, f):
@@ -65,6 +70,15 @@ def test_row_topk_matches_torch_topk(rows, columns):
     want_vals, want_idx = ref.topk(4, dim=-1)
     torch.testing.assert_close(as_dense(idx, vals, 50), as_dense(want_idx, want_vals, 50))
     torch.testing.assert_close(values.gather(1, idx), vals)
+
+
+def test_row_topk_reads_a_strided_row_subset_without_copying_it_first():
+    values = torch.randn(300, 50, generator=torch.Generator().manual_seed(0))
+    for cols in (None, torch.tensor([1, 4, 5, 9, 20, 21, 33, 40, 41, 49])):
+        got = kn.row_topk(values[::3], 4, cols)
+        want = kn.row_topk(values[::3].contiguous(), 4, cols)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        torch.testing.assert_close(values[::3].gather(1, got[1]), got[0])
 
 
 @pytest.mark.parametrize("rows", [24, 300])

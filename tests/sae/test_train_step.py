@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tide.train.objective import auxk_loss, fired, sae_loss, train_step
+from tide.train.objective import auxk_loss, fired, make_optimizer, sae_loss, train_step
 
 from sae_helpers import batch, make_sae
 
@@ -71,6 +71,55 @@ def test_auxk_is_zero_when_no_latent_is_dead():
     assert auxk_loss(sae, out, t_B, none_dead, k_aux=8) == 0
     losses, _ = sae_loss(sae, x, t_B, none_dead)
     assert losses.aux == 0 and losses.loss == losses.fvu
+
+
+@pytest.mark.parametrize("conditioning", ["none", "tide", "bucket"])
+def test_auxk_on_every_third_row_equals_auxk_on_those_rows_alone(conditioning):
+    """The row stride is a subsample: the loss and every gradient equal AuxK run on the batch x[::3]."""
+    sae = make_sae("topk", conditioning, "per_timestep", f=64, k=2)
+    x, t_B = batch(sae, n=31)
+    dead = _dead_are_unfired(sae, x, t_B)
+    assert dead.any()
+    results = []
+    for rows, stride in ((slice(None), 3), (slice(None, None, 3), 1)):
+        sae.zero_grad()
+        aux = auxk_loss(sae, sae(x[rows], t_B[rows]), t_B[rows], dead, k_aux=8, row_stride=stride)
+        aux.backward()
+        results.append([aux.detach()] + [p.grad.clone() for p in sae.parameters() if p.grad is not None])
+    assert results[0][0] > 0 and len(results[0]) == len(results[1])
+    for strided, alone in zip(*results):
+        torch.testing.assert_close(strided, alone)
+    full = auxk_loss(sae, sae(x, t_B), t_B, dead, k_aux=8)
+    assert not torch.allclose(full, results[0][0])  # the other rows did change the loss
+
+
+def test_train_step_with_an_aux_row_stride_still_revives_dead_latents():
+    sae = make_sae("topk", f=64, k=2)
+    opt = make_optimizer(sae.parameters(), 0.01)
+    x, t_B = batch(sae, n=64)
+    dead = _dead_are_unfired(sae, x, t_B)
+    before = sae.W_enc.detach().clone()
+    train_step(sae, opt, x, t_B, dead, k_aux=8, aux_row_stride=4)
+    assert (sae.W_enc - before)[dead].abs().sum() > 0
+
+
+def test_make_optimizer_is_pytorchs_adam_fused_on_cpu():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(40, 8)), torch.nn.Parameter(torch.randn(8))]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    start = params[0].detach().clone()
+    fused, plain = make_optimizer(params, 0.01), torch.optim.Adam(twins, lr=0.01, betas=(0.9, 0.999))
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    for step in range(5):
+        for group in (params, twins):
+            g = torch.Generator().manual_seed(step)
+            for p in group:
+                p.grad = torch.randn(p.shape, generator=g)
+        fused.step()
+        plain.step()
+    for a, b in zip(params, twins):
+        torch.testing.assert_close(a, b)
+    assert (params[0] - start).abs().min() > 0  # every entry moved
 
 
 def test_auxk_uses_only_dead_latents():

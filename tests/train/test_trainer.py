@@ -133,6 +133,9 @@ def test_bad_configs_are_refused_with_the_fix_named(dataset, tmp_path):
         train(_cfg(dataset, tmp_path / "a", saes=[SAESpec(name="x", hook="blocks.7.hook_resid_post")]))
     with pytest.raises(TideError, match="d_in=32 but the dataset's blocks.1.hook_resid_post activations have width 16"):
         train(_cfg(dataset, tmp_path / "b", saes=[SAESpec(name="x", hook=HOOKS[0], d_in=32)]))
+    with pytest.raises(TideError, match=r"aux_row_stride must be >= 1 \(1: AuxK on every row\), got 0"):
+        train(_cfg(dataset, tmp_path / "d", aux_row_stride=0))
+    assert not (tmp_path / "d").exists()
     train(_cfg(dataset, tmp_path / "c", steps=2))
     with pytest.raises(TideError, match="not empty: pass --resume"):
         train(_cfg(dataset, tmp_path / "c", steps=2))

@@ -14,6 +14,9 @@ For every SAE feature (latent) ``f``:
 - **spatial map**: the mean activation at each token position, shaped to the patch grid:
   (rows, cols) for images, (frames, rows, cols) — one map per latent frame — for video backbones.
 
+Beside the features, the hook's own scale: the RMS norm of its activation vectors at each step,
+R(t) = sqrt(mean ||x||^2), the unit of norm-relative steering (:mod:`tide.analysis.steering`).
+
 Latents of every sparsity are non-negative, so "fires" means "> 0" and the pass only looks at the
 positive entries (a TopK SAE's k per row, or the non-zeros of a dense code).
 
@@ -46,7 +49,7 @@ from tide.device import eval_mode, resolve_device
 from tide.errors import TideError
 
 SCHEMA = "tide.feature_stats"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 FILENAME = "feature_stats.h5"
 IMAGE_REDUCE = "max"
 COLUMNS = ("timestep", "step_index", "sample_id", "token", "cond", "cfg_branch")
@@ -66,6 +69,9 @@ class FeatureStats:
     """(S, F) rows where the feature fired, per step."""
     act_sum_step: np.ndarray
     """(S, F) sum of the feature's activation, per step (float64)."""
+    act_sq_step: np.ndarray
+    """(S,) sum of the squared norm of the hook's activation vectors, per step (float64); for an SAE on a
+    block's update, of the hook's activation itself (the block's output, where edits are added)."""
     topk_value: np.ndarray
     """(F, K) largest activations, descending; 0 in empty slots."""
     topk_sample: np.ndarray
@@ -143,6 +149,11 @@ class FeatureStats:
     def mean_act_step(self) -> np.ndarray:
         """(S, F) mean activation over the rows at each step."""
         return safe_ratio(self.act_sum_step, self.rows_per_step[:, None])
+
+    @property
+    def act_rms_step(self) -> np.ndarray:
+        """(S,) R(t): the RMS norm of the hook's activation vectors at each step (NaN where no row was seen)."""
+        return np.sqrt(safe_ratio(self.act_sq_step, self.rows_per_step))
 
     @property
     def image_acts(self) -> np.ndarray:
@@ -245,6 +256,7 @@ def compute_feature_stats(sae, store_or_path, hook: str | None = None, top_k: in
     rows_step = torch.zeros(S, dtype=torch.long, device=dev)
     fire_step = torch.zeros(S * F, dtype=torch.long, device=dev)
     sum_step = torch.zeros(S * F, dtype=torch.float64, device=dev)
+    sq_step = torch.zeros(S, dtype=torch.float64, device=dev)
     token_rows = torch.zeros(T, dtype=torch.long, device=dev)
     spatial = torch.zeros(T * F, dtype=torch.float64, device=dev)
     image = torch.zeros(N * S * F, dtype=torch.float32, device=dev)
@@ -266,6 +278,7 @@ def compute_feature_stats(sae, store_or_path, hook: str | None = None, top_k: in
                     continue
                 x = cfg.rows(acts) if len(inputs) > 1 else acts[hook]
                 x = x if keep is None else x[keep]
+                own = acts[hook] if keep is None else acts[hook][keep]  # the hook's activation (update SAEs: not x)
                 cols = {c: (v if keep is None else v[keep]) for c, v in meta.items()}
                 sp = step_pos[np.clip(cols["step_index"], 0, len(step_pos) - 1)]
                 if (sp < 0).any() or (cols["step_index"] >= len(step_pos)).any():
@@ -285,6 +298,8 @@ def compute_feature_stats(sae, store_or_path, hook: str | None = None, top_k: in
                 sid_B = torch.from_numpy(sid).to(dev)
                 tok_B = torch.from_numpy(tok).to(dev)
                 rows_step += torch.bincount(sp_B, minlength=S)
+                own_BD = torch.from_numpy(np.ascontiguousarray(own)).to(dev, torch.float64)
+                sq_step.index_add_(0, sp_B, own_BD.pow(2).sum(-1))
                 token_rows += torch.bincount(tok_B, minlength=T)
 
                 r, f, v = _positive_coo(sae(x_BD, t_B).latents, F)
@@ -332,6 +347,7 @@ def compute_feature_stats(sae, store_or_path, hook: str | None = None, top_k: in
     return FeatureStats(
         steps=np.asarray(steps, dtype=np.int64), timesteps=timesteps, rows_per_step=rows_step.cpu().numpy(),
         fire_count_step=fire_step.view(S, F).cpu().numpy(), act_sum_step=sum_step.view(S, F).cpu().numpy(),
+        act_sq_step=sq_step.cpu().numpy(),
         topk_value=best_val, topk_sample=best_meta[0].astype(np.int64), topk_step=best_meta[1].astype(np.int64),
         topk_timestep=best_meta[2].astype(np.float32), topk_token=best_meta[3].astype(np.int64),
         sample_cond=sample_cond, image_acts_step=image_NSF, auroc=auroc, auroc_step=auroc_step,

@@ -10,12 +10,17 @@ Because the decoder is linear at a fixed ``t`` this difference is ``sum_f (z'_f 
 with ``d_f(t)`` row ``f`` of the decoder of the SAE folded at ``t`` (:meth:`tide.sae.model.SAE.fold`,
 the decoder direction in raw activation space). Edits:
 
-* ``add``: ``x += alpha * d_f(t)`` (no encoding needed);
+* ``add``: ``x += alpha * d_f(t)`` (no encoding needed); with ``scale="norm"`` the strength is relative
+  to the hook's own scale, ``x += alpha * R(t) * d_f(t) / |d_f(t)|`` with R(t) the RMS norm of the hook's
+  activations at that step over unedited generations (:class:`HookScale`, from the feature statistics),
+  so one ``alpha`` means the same at every timestep and in every model;
 * ``clamp``: set ``z_f`` to ``value``;
 * ``ablate``: clamp to 0.
 
-An edit can be restricted to a window of steps or timesteps, to CFG branches and to a spatial mask
-over the image tokens. :func:`edit_generation` re-runs generations from the same seeds with the
+``gate=True`` applies an edit only at the tokens where its feature already fires. An edit can be
+restricted to a window of steps or timesteps, to CFG branches and to a spatial mask over the image
+tokens; ``branch="cfg"`` adds it to the conditional rows and subtracts it from the unconditional ones,
+so guidance (``uncond + g * (cond - uncond)``) carries (2g - 1) times the edit instead of g times. :func:`edit_generation` re-runs generations from the same seeds with the
 edit applied from a given step on, so the trajectory up to that step is the original one.
 """
 
@@ -24,11 +29,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 
-from tide.branches import CfgBranch
+from tide.branches import COND
 from tide.config import DEFAULT_BACKBONE, BackboneConfig, GenerationConfig
 from tide.device import eval_mode
 from tide.errors import TideError
@@ -38,6 +43,10 @@ from tide.hooks import HookedBackbone, is_text_hook, require_step
 from tide.sampling import Intervention, SampleOutput, SamplerConfig, sample
 
 MODES = ("add", "clamp", "ablate")
+SCALES = ("latent", "norm")
+STEER_BRANCHES = ("cond", "uncond", "both", "cfg")
+SteerBranch = Literal["cond", "uncond", "both", "cfg"]
+"""Rows an edit applies to: one CFG branch, both, or ``cfg`` (+ on conditional rows, - on unconditional ones)."""
 
 
 @dataclass(frozen=True)
@@ -49,13 +58,44 @@ class FeatureEdit:
     mode: str = "add"
     """``add`` (alpha times the decoder direction), ``clamp`` (latent set to ``value``) or ``ablate``."""
     alpha: float = 0.0
-    """Strength of ``add``, in units of the folded decoder row."""
+    """Strength of ``add``: in units of the folded decoder row (``scale="latent"``) or of the hook's RMS norm R(t)
+    along the unit decoder direction (``scale="norm"``)."""
     value: float = 0.0
     """The latent's value under ``clamp``."""
+    scale: str = "latent"
+    """Unit of ``alpha``: ``latent`` (the decoder row as it is) or ``norm`` (R(t) times the unit direction)."""
+    gate: bool = False
+    """Edit only the tokens where the feature fires (its latent > 0 before the edit)."""
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise TideError(f"feature edit mode must be one of {MODES}, got {self.mode!r}")
+        if self.scale not in SCALES:
+            raise TideError(f"feature edit scale must be one of {SCALES}, got {self.scale!r}")
+
+
+@dataclass(frozen=True)
+class HookScale:
+    """R(t): the RMS norm of a hook's activation vectors at the recorded timesteps of unedited generations
+    (:attr:`tide.analysis.feature_stats.FeatureStats.act_rms_step`); read at the nearest recorded timestep."""
+
+    hook: str
+    """The hook it was measured at."""
+    timesteps: tuple[float, ...]
+    """Recorded timesteps."""
+    rms: tuple[float, ...]
+    """R(t) at each of them."""
+
+    @classmethod
+    def from_stats(cls, stats) -> "HookScale":
+        keep = [i for i, r in enumerate(stats.act_rms_step) if math.isfinite(float(r))]
+        if not keep:
+            raise TideError("the feature statistics hold no activation norms: recompute them with `tide stats`")
+        return cls(stats.hook, tuple(float(stats.timesteps[i]) for i in keep), tuple(float(stats.act_rms_step[i]) for i in keep))
+
+    def at(self, t: float) -> float:
+        i = min(range(len(self.timesteps)), key=lambda j: abs(self.timesteps[j] - float(t)))
+        return self.rms[i]
 
 
 def _check_edits(edits: Sequence[FeatureEdit], d_sae: int) -> list[FeatureEdit]:
@@ -88,22 +128,33 @@ def _mask_error(mask: torch.Tensor, tokens: int, grid: tuple[int, int] | None = 
                      f"expected shape {expected}")
 
 
-def steering_fn(sae, edits: Sequence[FeatureEdit], mask=None, hook_name: str = "?"):
-    """The hook function of :func:`steering_intervention` (reads the timestep from the step context)."""
+def steering_fn(sae, edits: Sequence[FeatureEdit], mask=None, hook_name: str = "?", hook_scale: HookScale | None = None,
+                signed_branches: bool = False):
+    """The hook function of :func:`steering_intervention` (reads the timestep from the step context).
+    ``signed_branches``: the edit is added to conditional rows and subtracted from unconditional ones."""
     edits = _check_edits(edits, sae.cfg.d_sae)
     mask = _check_mask(mask)
+    if hook_scale is None and any(e.mode == "add" and e.scale == "norm" for e in edits):
+        raise TideError("norm-relative edits (scale='norm') need R(t) of the hook: pass hook_scale="
+                        "HookScale.from_stats(load_feature_stats(...)) (`tide stats` measures it)")
     param = next(sae.parameters())
     ids = torch.tensor([int(e.feature) for e in edits], device=param.device)
     add_K = torch.tensor([float(e.alpha) if e.mode == "add" else 0.0 for e in edits], device=param.device, dtype=param.dtype)
     is_set_K = torch.tensor([e.mode != "add" for e in edits], device=param.device)
     set_K = torch.tensor([float(e.value) if e.mode == "clamp" else 0.0 for e in edits], device=param.device, dtype=param.dtype)
-    needs_encode = bool(is_set_K.any())
-    directions: dict[float, torch.Tensor] = {}  # timestep -> (K, D) folded decoder rows of the edited features
+    norm_K = torch.tensor([e.mode == "add" and e.scale == "norm" for e in edits], device=param.device)
+    gate_K = torch.tensor([e.gate for e in edits], device=param.device)
+    needs_encode = bool(is_set_K.any() or gate_K.any())
+    directions: dict[float, torch.Tensor] = {}  # timestep -> (K, D) folded decoder rows, norm edits pre-scaled
 
     def direction_KD(t: float) -> torch.Tensor:
         if t not in directions:
             with eval_mode(sae):
-                directions[t] = sae.fold_decoder(t, ids).detach()
+                d_KD = sae.fold_decoder(t, ids).detach()
+            if bool(norm_K.any()):  # R(t) along the unit direction
+                unit_KD = d_KD / d_KD.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                d_KD = torch.where(norm_K[:, None], unit_KD * hook_scale.at(t), d_KD)
+            directions[t] = d_KD
         return directions[t]
 
     def fn(act: torch.Tensor, hook=None) -> torch.Tensor:
@@ -118,7 +169,11 @@ def steering_fn(sae, edits: Sequence[FeatureEdit], mask=None, hook_name: str = "
             with torch.no_grad(), eval_mode(sae):
                 z_NK = sae.encode(x_ND, torch.full((len(x_ND),), t, device=param.device))[:, ids]
             coef_NK = torch.where(is_set_K, set_K - z_NK, coef_NK)
+            coef_NK = torch.where(gate_K & (z_NK <= 0), torch.zeros_like(coef_NK), coef_NK)
         delta = (coef_NK @ d_KD).reshape(x.shape)
+        if signed_branches:
+            sign_B = 1.0 - 2.0 * (ctx.cfg_branch_B.to(delta.device) != COND).to(delta.dtype)
+            delta = delta * sign_B.reshape(-1, *([1] * (delta.dim() - 1)))
         if mask is not None:
             if act.dim() != 3 or mask.numel() != act.shape[1]:
                 raise _mask_error(mask, act.shape[1] if act.dim() == 3 else -1)
@@ -129,14 +184,18 @@ def steering_fn(sae, edits: Sequence[FeatureEdit], mask=None, hook_name: str = "
 
 
 def steering_intervention(sae, edits: Sequence[FeatureEdit], steps: tuple[int, int] | None = None,
-                          timesteps: tuple[float, float] | None = None, mask=None, branch: CfgBranch = "both",
-                          hook: str | None = None) -> Intervention:
+                          timesteps: tuple[float, float] | None = None, mask=None, branch: SteerBranch = "both",
+                          hook: str | None = None, hook_scale: HookScale | None = None) -> Intervention:
     """An :class:`~tide.sampling.Intervention` editing SAE features at the SAE's hook.
 
     ``steps`` / ``timesteps``: the window (checked against the schedule by :func:`~tide.sampling.sample`);
     ``mask``: bool tensor over the patch grid (rows, cols) or the tokens (T,), edits only where True;
-    ``branch``: ``cond``, ``uncond`` or ``both``; ``hook``: defaults to ``sae.cfg.hook`` and must match it.
+    ``branch``: ``cond``, ``uncond``, ``both`` or ``cfg`` (added to conditional rows, subtracted from
+    unconditional ones); ``hook``: defaults to ``sae.cfg.hook`` and must match it; ``hook_scale``: R(t) of the
+    hook, needed by ``scale="norm"`` edits.
     """
+    if branch not in STEER_BRANCHES:
+        raise TideError(f"branch must be one of {list(STEER_BRANCHES)}, got {branch!r}")
     trained = getattr(sae.cfg, "hook", "") or ""
     if hook is None:
         if not trained:
@@ -144,21 +203,25 @@ def steering_intervention(sae, edits: Sequence[FeatureEdit], steps: tuple[int, i
         hook = trained
     check_sae_hook(sae, hook)
     if getattr(sae.cfg, "target", "activation") != "activation" and \
-            any(e.mode != "add" for e in _check_edits(edits, sae.cfg.d_sae)):
-        raise TideError("clamp and ablate edits encode the hook's activation, but this SAE reads the block's update: "
-                        "use add edits (adding a decoder direction to the block's output adds it to its update)")
+            any(e.mode != "add" or e.gate for e in _check_edits(edits, sae.cfg.d_sae)):
+        raise TideError("clamp, ablate and gated edits encode the hook's activation, but this SAE reads the block's "
+                        "update: use ungated add edits (adding a decoder direction to the block's output adds it to "
+                        "its update)")
+    if hook_scale is not None and hook_scale.hook and hook_scale.hook != hook:
+        raise TideError(f"hook_scale was measured at {hook_scale.hook!r}, not at the edited hook {hook!r}")
     if steps is not None and (len(steps) != 2 or steps[0] >= steps[1]):
         raise TideError(f"steps must be a (start, stop) window with start < stop, got {steps}")
     if timesteps is not None and (len(timesteps) != 2 or timesteps[0] > timesteps[1]):
         raise TideError(f"timesteps must be a (low, high) window with low <= high, got {timesteps}")
-    return Intervention(hook, steering_fn(sae, edits, mask, hook), steps=tuple(steps) if steps else None,
-                        timesteps=tuple(timesteps) if timesteps else None, branch=branch)
+    fn = steering_fn(sae, edits, mask, hook, hook_scale, signed_branches=branch == "cfg")
+    return Intervention(hook, fn, steps=tuple(steps) if steps else None,
+                        timesteps=tuple(timesteps) if timesteps else None, branch="both" if branch == "cfg" else branch)
 
 
 def edit_generation(model, sae, conds: Sequence[int], seeds: Sequence[int], sampler_config: SamplerConfig | None,
                     edits: Sequence[FeatureEdit], from_step: int = 0, to_step: int | None = None, mask=None,
-                    branch: CfgBranch = "both", hook: str | None = None, progress: bool = False,
-                    decode: bool = True) -> tuple[SampleOutput, SampleOutput]:
+                    branch: SteerBranch = "both", hook: str | None = None, progress: bool = False,
+                    decode: bool = True, hook_scale: HookScale | None = None) -> tuple[SampleOutput, SampleOutput]:
     """Generate ``conds`` with ``seeds`` plainly (``before``) and again with the edits applied at steps
     [from_step, to_step) (``after``; to_step defaults to the end). Steps before ``from_step`` follow the
     original trajectory, so ``after`` is the original generation edited from that step on."""
@@ -178,7 +241,8 @@ def edit_generation(model, sae, conds: Sequence[int], seeds: Sequence[int], samp
         grid = tuple(backbone.patch_grid)
         if tuple(checked.shape) not in (grid, (math.prod(grid),)):
             raise _mask_error(checked, math.prod(grid), grid)
-    iv = steering_intervention(sae, edits, steps=(int(from_step), stop), mask=checked, branch=branch, hook=hook)
+    iv = steering_intervention(sae, edits, steps=(int(from_step), stop), mask=checked, branch=branch, hook=hook,
+                               hook_scale=hook_scale)
     before = sample(model, conds, seeds, config, progress=progress, decode=decode)
     after = sample(model, conds, seeds, config, interventions=[iv], progress=progress, decode=decode)
     return before, after
@@ -297,8 +361,15 @@ class SteerConfig(GenerationConfig, BackboneConfig):
     """Step after the last edited one; default: the end of the schedule."""
     mask: str | None = None
     """Spatial region of the patch grid to edit: upper, lower, left, right or centre; default: everywhere."""
-    branch: CfgBranch = "both"
-    """CFG rows to edit: cond, uncond or both."""
+    branch: SteerBranch = "both"
+    """CFG rows to edit: cond, uncond, both, or cfg (added to cond rows, subtracted from uncond rows)."""
+    scale: str = "latent"
+    """Unit of alpha for add edits: latent (the folded decoder row) or norm (alpha x R(t), the hook's RMS norm at
+    each step, along the unit decoder direction; needs --stats)."""
+    gate: bool = False
+    """Edit only the tokens where each feature already fires."""
+    stats: str | None = None
+    """Feature statistics of this SAE (`tide stats`), for R(t) under --scale norm."""
     target_class: int | None = None
     """If set, report how often the evaluation classifier says this class before and after."""
     out: str = "runs/steer.png"
@@ -317,14 +388,23 @@ class SteerConfig(GenerationConfig, BackboneConfig):
                                  prompts=self.prompts or sae.cfg.prompts or None,
                                  device=self.device, dtype=self.dtype)
         sae = sae.to(backbone.device)
-        edits = [FeatureEdit(int(f), mode=self.mode, alpha=self.alpha, value=self.value) for f in self.features]
+        edits = [FeatureEdit(int(f), mode=self.mode, alpha=self.alpha, value=self.value, scale=self.scale, gate=self.gate)
+                 for f in self.features]
+        hook_scale = None
+        if self.stats:
+            from tide.analysis.feature_stats import load_feature_stats
+
+            hook_scale = HookScale.from_stats(load_feature_stats(self.stats))
+        elif self.scale == "norm":
+            raise TideError("--scale norm needs the SAE's feature statistics for R(t): pass --stats STATS.h5 "
+                            "(made by `tide stats`)")
         classes = list(range(backbone.num_conditions)) if self.classes is None else list(self.classes)
         conds = [c for c in classes for _ in range(self.n)]
         seeds = [self.seed + i for i in range(len(conds))]
         mask = region_mask(self.mask, tuple(backbone.patch_grid)) if self.mask else None
         config = SamplerConfig(num_steps=self.num_steps, guidance_scale=self.guidance_scale)
         before, after = edit_generation(backbone, sae, conds, seeds, config, edits, from_step=self.from_step,
-                                        to_step=self.to_step, mask=mask, branch=self.branch)
+                                        to_step=self.to_step, mask=mask, branch=self.branch, hook_scale=hook_scale)
         path = save_before_after(before, after, self.out, ncol=self.n * min(len(classes), 4))
         target = {}
         if self.target_class is not None:

@@ -17,6 +17,7 @@ row (:func:`row_topk`) runs on CPU as a partial sort per block of rows on the in
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import warnings
@@ -124,7 +125,7 @@ def row_topk(values_BN: torch.Tensor, k: int, columns: torch.Tensor | None = Non
         sub = values_BN if columns is None else values_BN.index_select(1, columns)
         vals, j = sub.topk(k, dim=-1, sorted=False)
         return vals, (j if columns is None else columns[j])
-    src = values_BN.contiguous().numpy()
+    src = (values_BN if values_BN.stride(-1) == 1 else values_BN.contiguous()).numpy()  # strided rows need no copy
     cols = None if columns is None else columns.cpu().numpy()
     vals = np.empty((B, k), dtype=src.dtype)
     idx = np.empty((B, k), dtype=np.int64)
@@ -137,18 +138,19 @@ def row_topk(values_BN: torch.Tensor, k: int, columns: torch.Tensor | None = Non
         vals[start:start + _ROW_BLOCK] = np.take_along_axis(sub, part, axis=1)
         idx[start:start + _ROW_BLOCK] = part if cols is None else cols[part]
 
-    def blocks(starts) -> None:
-        for start in starts:
-            block(start)
-
     starts = range(0, B, _ROW_BLOCK)
+    taken = itertools.count()  # the next block to take: each thread takes blocks until none is left
+
+    def blocks() -> None:
+        while (i := next(taken)) < len(starts):
+            block(starts[i])
+
     pool = _threads() if len(starts) > 1 else None
     if pool is None or _pool_size == 1:
-        blocks(starts)
-    else:  # one contiguous share of the blocks per thread, the calling thread taking the first
-        shares = [starts[i::_pool_size] for i in range(_pool_size)]
-        futures = [pool.submit(blocks, share) for share in shares[1:]]
-        blocks(shares[0])
+        blocks()
+    else:  # blocks are taken, not dealt: a thread that another process holds up takes fewer of them
+        futures = [pool.submit(blocks) for _ in range(_pool_size - 1)]
+        blocks()
         for f in futures:
             f.result()
     return torch.from_numpy(vals), torch.from_numpy(idx)
@@ -234,6 +236,20 @@ def selected_encode(x_BD: torch.Tensor, b_dec_D: torch.Tensor, W_FD: torch.Tenso
     return _SelectedEncode.apply(x_BD, b_dec_D, W_FD, b_F, vals_BK.detach(), xc_BD.detach(), code)
 
 
+def encoder_product(xc_BD: torch.Tensor, W_FD: torch.Tensor, b_F: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``xc @ W^T + b`` -> (B, F), into ``out`` if given. On CPU one product with the bias as an extra input
+    column: ``addmm`` first copies the broadcast bias into its whole (B, F) output, which costs a fifth of the
+    product there."""
+    if xc_BD.device.type != "cpu":
+        return torch.addmm(b_F, xc_BD, W_FD.T, out=out) if out is not None else torch.addmm(b_F, xc_BD, W_FD.T)
+    B, D = xc_BD.shape
+    xa_BD1 = xc_BD.new_empty(B, D + 1)
+    xa_BD1[:, :D] = xc_BD
+    xa_BD1[:, D] = 1
+    Wa_FD1 = torch.cat([W_FD, b_F[:, None]], 1)
+    return torch.mm(xa_BD1, Wa_FD1.T, out=out) if out is not None else torch.mm(xa_BD1, Wa_FD1.T)
+
+
 def topk_encode(x_BD: torch.Tensor, W_FD: torch.Tensor, b_F: torch.Tensor, k: int, b_dec_D: torch.Tensor | None = None,
                 out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """TopK encoder: ``(acts_BK, idx_BK, pre_BF)`` for ``relu(topk(W (x - b_dec) + b))``.
@@ -253,7 +269,7 @@ def topk_encode_code(x_BD, W_FD, b_F, k, b_dec_D=None, out=None):
         b_dec_D = x_BD.new_zeros(x_BD.shape[-1])
     with torch.no_grad():
         xc_BD = x_BD - b_dec_D
-        pre_BF = torch.addmm(b_F, xc_BD, W_FD.T, out=out) if out is not None else torch.addmm(b_F, xc_BD, W_FD.T)
+        pre_BF = encoder_product(xc_BD, W_FD, b_F, out)
         vals_BK, idx_BK = row_topk(pre_BF, k)
         vals_BK, idx_BK = vals_BK.to(pre_BF.device), idx_BK.to(pre_BF.device)
     code = SparseCode(idx_BK, W_FD.shape[0])

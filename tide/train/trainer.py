@@ -41,7 +41,7 @@ from tide.sae.timestep import fit_modulation
 if TYPE_CHECKING:  # imported on use: they load diffusers and transformer_lens
     from tide.train.downstream import DownstreamObjective
 from tide.train.logging import TrainLogger
-from tide.train.objective import fired, train_step
+from tide.train.objective import fired, make_optimizer, train_step
 
 SUMMARY = "train_summary.json"
 
@@ -187,7 +187,7 @@ class Trainer:
             if spec.modulation_init == "adaln":
                 init_modulation_from_adaln(sae, backbone, spec, stats)
             self.saes[spec.name] = sae
-            self.optims[spec.name] = torch.optim.Adam(sae.parameters(), lr=config.lr, betas=(0.9, 0.999))
+            self.optims[spec.name] = make_optimizer(sae.parameters(), config.lr)
             self.rows_since_fired[spec.name] = torch.zeros(sae.W_dec.shape[:2], dtype=torch.long, device=self.device)
         self.step = 0
         self.log = TrainLogger(config, self.out, [s.name for s in self.specs], enabled=self.dist.rank == 0)
@@ -296,7 +296,8 @@ class Trainer:
 
             extra = downstream_term if spec.downstream_coefficient > 0 else None
             losses, out = train_step(sae, self.optims[name], spec_rows(acts, spec), t_B, dead,
-                                     self.cfg.k_aux, self.cfg.aux_coefficient, self.dist.average_grads, extra)
+                                     self.cfg.k_aux, self.cfg.aux_coefficient, self.dist.average_grads, extra,
+                                     self.cfg.aux_row_stride)
             if not torch.isfinite(losses.loss):
                 check = f", check the data with `tide data verify {self.trained_on}`" if self.trained_on else ""
                 raise TideError(f"SAE {name!r}: the loss became {losses.loss.item()} at step {self.step}; stopped. "
