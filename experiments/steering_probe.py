@@ -42,6 +42,29 @@ def contrast(stats, cls: int) -> np.ndarray:
     return diff / np.maximum(img.std(0), 1e-8)
 
 
+def scale_diagnosis(sae, stats) -> dict:
+    """At the first, middle and last recorded step: R(t), the norm of the mean activation, and the median std
+    of the activations along the SAE's unit decoder directions (what a norm-relative edit is measured against)."""
+    from tide.data import ActivationStore
+
+    store = ActivationStore(stats.attrs["dataset_path"])
+    xs, ts = [], []
+    for _, _, acts, meta in store.iter_blocks([stats.hook], ("timestep", "cfg_branch"), block_rows=8192):
+        keep = meta["cfg_branch"] == 0
+        xs.append(np.asarray(acts[stats.hook])[keep])
+        ts.append(meta["timestep"][keep])
+    x, t = np.concatenate(xs).astype(np.float64), np.concatenate(ts)
+    out = {}
+    for i in (0, len(stats.timesteps) // 2, len(stats.timesteps) - 1):
+        tt = float(stats.timesteps[i])
+        xt = x[np.isclose(t, tt)]
+        W = sae.fold(tt).W_dec[0].detach().double().numpy()
+        along = (xt - xt.mean(0)) @ (W / np.linalg.norm(W, axis=1, keepdims=True)).T
+        out[str(tt)] = {"R": float(np.sqrt((xt ** 2).sum(-1).mean())), "mean_norm": float(np.linalg.norm(xt.mean(0))),
+                        "median_std_along_decoder_directions": float(np.median(along.std(0)))}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sae", required=True)
@@ -50,6 +73,7 @@ def main() -> None:
     p.add_argument("--rhos", default="0.25,0.5,1.0")
     p.add_argument("--branches", default="cond,cfg")
     p.add_argument("--n", type=int, default=8, help="generations per target class")
+    p.add_argument("--window", default=None, help="start,stop: edit only these steps (default: every step)")
     p.add_argument("--seed", type=int, default=10_000)
     p.add_argument("--num-steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=3.0)
@@ -75,7 +99,8 @@ def main() -> None:
             for b in classes:
                 feats = np.argsort(-np.nan_to_num(contrast(stats, b), nan=-np.inf))[: args.features].tolist()
                 edits = [FeatureEdit(int(f), "add", alpha=rho, scale="norm") for f in feats]
-                iv = steering_intervention(sae, edits, branch=branch, hook_scale=scale)
+                window = tuple(int(v) for v in args.window.split(",")) if args.window else None
+                iv = steering_intervention(sae, edits, steps=window, branch=branch, hook_scale=scale)
                 out = sample(backbone, [NULL_CONDITION] * args.n, seeds, cfg, interventions=[iv])
                 pred = clf.predict(out.images).cpu().numpy()
                 rate.append(float((pred == b).mean()))
@@ -87,7 +112,10 @@ def main() -> None:
                   f"({time.time() - started:.0f}s)", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    diagnosis = scale_diagnosis(sae, stats)
+    print(f"scale diagnosis: {diagnosis}", flush=True)
     out.with_suffix(".json").write_text(json.dumps({"what": __doc__.split("\n\n")[0], "args": vars(args),
+                                                    "scale_diagnosis": diagnosis,
                                                     "null_predicted": np.bincount(base, minlength=len(classes)).tolist(),
                                                     "results": results}, indent=1) + "\n")
     labels = ["null"] + [f"{br} rho {r}" for br in args.branches.split(",") for r in args.rhos.split(",")]
