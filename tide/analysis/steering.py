@@ -20,8 +20,9 @@ the decoder direction in raw activation space). Edits:
 ``gate=True`` applies an edit only at the tokens where its feature already fires. An edit can be
 restricted to a window of steps or timesteps, to CFG branches and to a spatial mask over the image
 tokens; ``branch="cfg"`` adds it to the conditional rows and subtracts it from the unconditional ones,
-so guidance (``uncond + g * (cond - uncond)``) carries (2g - 1) times the edit instead of g times. :func:`edit_generation` re-runs generations from the same seeds with the
-edit applied from a given step on, so the trajectory up to that step is the original one.
+so guidance (``uncond + g * (cond - uncond)``) carries (2g - 1) times the edit instead of g times.
+:func:`edit_generation` re-runs generations from the same seeds with the edit applied from a given step
+on, so the trajectory up to that step is the original one.
 """
 
 from __future__ import annotations
