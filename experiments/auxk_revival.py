@@ -123,8 +123,8 @@ def main() -> None:
     colors = {0: "tab:gray", 1: "tab:blue", 2: "tab:green", 4: "tab:orange"}
     for r in runs:
         steps, dead, _ = zip(*r["dead_curve"])
-        label = ("AuxK off" if not r["stride"] else f"AuxK, every {r['stride']} row(s)" if r["stride"] > 1
-                 else "AuxK, every row") if r["seed"] == 0 else None
+        names = {0: "AuxK off", 1: "AuxK, every row", 2: "AuxK, every 2nd row", 4: "AuxK, every 4th row"}
+        label = names.get(r["stride"], f"AuxK, row stride {r['stride']}") if r["seed"] == 0 else None
         ax.plot(steps, dead, color=colors.get(r["stride"]), ls="-" if r["seed"] == 0 else "--", label=label)
     ax.set_xlabel("training step")
     ax.set_ylabel("dead fraction (trainer's window)")
