@@ -13,7 +13,7 @@ def test_demo_runs_every_stage_and_reports_its_artefacts(backbone, tmp_path, cap
     assert main(["demo", *(["--backbone", backbone] if backbone else []), "--out", str(out), "--n-per-class", "1",
                  "--num-steps", "8", "--capture-samples", "10",
                  "--train-steps", "20", "--d-sae", "256", "--k", "8", "--splice-samples", "1", "--dashboard-features", "3",
-                 "--device", "cpu"]) == 0
+                 "--steer-calibration", "2", "--steer-samples", "2", "--device", "cpu"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["backbone"]["name"] == (backbone or "fmnist-pixart")
     assert summary["backbone"]["family"] == ("dit" if backbone else "pixart")
@@ -27,7 +27,14 @@ def test_demo_runs_every_stage_and_reports_its_artefacts(backbone, tmp_path, cap
     assert 0 < summary["eval"]["tide"]["reconstruction"]["overall"]["fvu"] < 1.5
     assert (out / "eval" / "tide" / "eval.png").exists()
     assert (out / "dashboard" / "index.html").exists() and list((out / "dashboard" / "features").glob("f*.html"))
-    assert 0 <= summary["steering"]["target_rate_after"] <= 1 and (out / "steering.png").exists()
+    steering = summary["steering"]
+    assert 0 <= steering["success"] <= 1 and len(steering["success_per_class"]) == 10 and (out / "steering.png").exists()
+    assert steering["success"] == pytest.approx(sum(steering["success_per_class"]) / 10)
+    from tide.analysis.steering_profile import load_profile
+
+    assert sorted(load_profile(out / "steering_profile.h5").shifts) == list(range(10))
+    assert json.loads((out / "sae" / "steer" / "cfg.json").read_text())["config"]["target"] == "activation"
     printed = capsys.readouterr().out
     assert str(out / "summary.json") in printed
     assert "spliced at every step, the classifier agrees" in printed
+    assert "steering null-condition generations toward each class" in printed

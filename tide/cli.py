@@ -148,12 +148,20 @@ def _dashboard(config) -> int:
     return 0
 
 
+def _profile(config) -> int:
+    path = config.run()
+    print(f"steering profile -> {path}")
+    return 0
+
+
 def _steer(config) -> int:
     result = config.run()
     line = f"wrote {result.grid_path} (mean pixel change {result.pixel_change:.3f})"
     if result.target_class is not None:
         line += (f"; classified as {result.target_class}: {result.target_rate_before:.0%} before, "
                  f"{result.target_rate_after:.0%} after")
+    if config.save_images:
+        line += f"; images -> {config.save_images}"
     print(line)
     return 0
 
@@ -181,7 +189,9 @@ def commands() -> list[Command]:
                 "tide.analysis.feature_stats:FeatureStatsConfig", _stats),
         Command("dashboard", "export a static HTML dashboard of SAE features (opens from file://)",
                 "tide.analysis.dashboard:DashboardConfig", _dashboard),
-        Command("steer", "generate with SAE features added, clamped or ablated; before/after grid",
+        Command("profile", "measure the paired feature shifts that steer toward conditions (a steering profile)",
+                "tide.analysis.steering_profile:ProfileConfig", _profile),
+        Command("steer", "steer generations toward / away from a condition, or edit named SAE features; before/after grid",
                 "tide.analysis.steering:SteerConfig", _steer),
         Command("demo", "run the whole pipeline end to end on the embedded model", "tide.demo:DemoConfig", _demo),
     ]

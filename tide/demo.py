@@ -6,8 +6,8 @@ residual stream before and after the middle block at every denoising step into a
 (verified and summarised), train a TIDE and a plain SAE on it in one pass with the faithful recipe
 (configs/faithful.yaml, scaled down: the block's update as the target, each dimension standardised),
 evaluate both (per-timestep FVU, and spliced into generation at every step: classifier agreement),
-map the TIDE SAE's features in one streaming pass, export a static dashboard, and steer generations of
-one class with the features most selective for another.
+map the TIDE SAE's features in one streaming pass, export a static dashboard, and steer null-condition
+generations toward every class with a steering profile of an SAE on the residual stream itself.
 """
 
 from __future__ import annotations
@@ -52,6 +52,10 @@ class DemoConfig(GenerationConfig, BackboneConfig):
     """Samples per class generated with each SAE spliced in at every step (0 skips it)."""
     dashboard_features: int = 16
     """Features of the TIDE SAE shown in the demo dashboard (the most frequent ones)."""
+    steer_calibration: int = 16
+    """Null-condition generations behind the demo's steering profile (per class)."""
+    steer_samples: int = 8
+    """Null-condition generations steered toward each class in the demo's steering grid."""
 
 
 def run_demo(config: DemoConfig) -> dict:
@@ -92,6 +96,7 @@ def run_demo(config: DemoConfig) -> dict:
 
         classifier = load_classifier(backbone)
     except TideError as exc:
+        classifier = None
         print(f"[demo] no evaluation classifier: {exc}")
     else:
         pred = classifier.predict(samples.images)
@@ -131,7 +136,12 @@ def run_demo(config: DemoConfig) -> dict:
     specs = [SAESpec(name=name, hook=hook, d_sae=config.d_sae, k=config.k, conditioning=cond, target=target,
                      normalization="per_dimension")
              for name, cond in (("tide", "tide"), ("plain", "none"))]
-    run = TrainConfig(data=cap.out, out=str(out / "sae"), saes=specs, steps=config.train_steps, batch_size=2048,
+    # steering reads what a prompt does to the whole residual stream, so it gets an SAE of the activation itself
+    # (configs/steering.yaml); trained in the same pass
+    steer_spec = SAESpec(name="steer", hook=hook, d_sae=config.d_sae, k=config.k, conditioning="tide",
+                         target="activation", normalization="global")
+    run = TrainConfig(data=cap.out, out=str(out / "sae"), saes=specs + [steer_spec], steps=config.train_steps,
+                      batch_size=2048,
                       lr=1e-3, warmup_steps=min(50, config.train_steps // 5), checkpoint_every=0, overwrite=True,
                       device=config.device, seed=config.seed)
     trained = train(run)
@@ -175,35 +185,51 @@ def run_demo(config: DemoConfig) -> dict:
     artefacts["dashboard"] = str(dashboard.index_path)
     print(f"[demo] dashboard of {dashboard.num_features} features -> open {dashboard.index_path}")
 
-    # 7. steering: add the features most selective for one class while generating another
-    import numpy as np
-
-    from tide.analysis.steering import FeatureEdit, edit_generation, save_before_after
-    from tide.eval.classifier import load_classifier
+    # 7. steering: null-condition generations steered toward each class by the paired feature shifts its prompt
+    #    causes (a steering profile of the activation SAE), with the rate the evaluation classifier measures
+    from tide.analysis.steering_profile import measure_profile, profile_intervention
+    from tide.images import save_grid
+    from tide.models.base import NULL_CONDITION
     from tide.sae import load_sae
+    from tide.sampling import sample
 
-    auroc = np.nan_to_num(stats.auroc)
-    target = int(np.argmax(auroc.max(axis=1)))
-    source = (target + 1) % backbone.num_conditions
-    features = [int(f) for f in np.argsort(-auroc[target])[:3]]
-    edits = [FeatureEdit(f, "add", alpha=8 * float(np.nan_to_num(stats.mean_act_firing[f]))) for f in features]
-    sae = load_sae(out / "sae" / "tide", device=backbone.device)
-    steer_n = max(2, config.splice_samples * 2)
-    before, after = edit_generation(backbone, sae, [source] * steer_n, [config.seed + i for i in range(steer_n)],
-                                    SamplerConfig(num_steps=config.num_steps), edits,
-                                    to_step=max(1, config.num_steps // 3))
-    clf = load_classifier(backbone, device=backbone.device)
+    sae = load_sae(out / "sae" / steer_spec.name, device=backbone.device)
+    steer_cfg = SamplerConfig(num_steps=config.num_steps, guidance_scale=config.guidance_scale)
+    classes = list(range(backbone.num_conditions))
+    start = time.perf_counter()
+    profile = measure_profile(backbone, sae, classes, steer_cfg, num_samples=config.steer_calibration,
+                              seed=config.seed + 50_000, progress=False)
+    profile.save(out / "steering_profile.h5")
+    steer_n = config.steer_samples
+    seeds = [config.seed + 1000 + i for i in range(steer_n)]  # not the calibration seeds
+    before = sample(backbone, [NULL_CONDITION] * steer_n, seeds, steer_cfg)
+    afters = [sample(backbone, [NULL_CONDITION] * steer_n, seeds, steer_cfg,
+                     interventions=[profile_intervention(sae, profile, toward=[b])]).images for b in classes]
+    seconds = time.perf_counter() - start
     names = backbone.condition_names
-    rate_before = float((clf.predict(before.images).cpu() == target).float().mean())
-    rate_after = float((clf.predict(after.images).cpu() == target).float().mean())
-    grid = save_before_after(before, after, out / "steering.png",
-                             title=f"{names[source]} + features {features} of {names[target]}")
-    summary["steering"] = {"source": names[source], "target": names[target], "features": features,
-                           "window_steps": [0, max(1, config.num_steps // 3)], "samples": steer_n,
-                           "target_rate_before": rate_before, "target_rate_after": rate_after}
+    rate, per_class = None, None
+    if classifier is not None:
+        per_class = [float((classifier.predict(a).cpu() == b).float().mean()) for b, a in zip(classes, afters)]
+        rate = float(sum(per_class) / len(per_class))
+    shown = min(steer_n, 3)
+    rows = [before.images[i].unsqueeze(0).expand(len(classes), -1, -1, -1) for i in range(shown)]
+    rows = [r for i in range(shown) for r in (rows[i], torch.stack([a[i] for a in afters]))]
+    title = "null condition, then steered toward each class (columns: " + ", ".join(names) + ")"
+    if rate is not None:
+        title += f"; classifier says the class in {rate:.0%} of {steer_n * len(classes)}"
+    grid = save_grid(torch.cat(rows), out / "steering.png", nrow=len(classes),
+                     row_labels=[lab for i in range(shown) for lab in (f"null #{i}", "steered")], title=title)
+    summary["steering"] = {"recipe": "steering profile (paired feature shifts), null condition -> each class",
+                           "sae": str(out / "sae" / steer_spec.name), "calibration_samples": config.steer_calibration,
+                           "samples_per_class": steer_n, "seconds": round(seconds, 1), "success": rate,
+                           "success_per_class": per_class}
     artefacts["steering"] = str(grid)
-    print(f"[demo] steering {names[source]} with {names[target]} features {features} in the first third of the steps: "
-          f"classified as {names[target]} {rate_before:.0%} before, {rate_after:.0%} after -> {grid}")
+    artefacts["steering_profile"] = str(out / "steering_profile.h5")
+    if rate is not None:
+        print(f"[demo] steering null-condition generations toward each class with its steering profile: the "
+              f"classifier says the target class in {rate:.0%} of {steer_n * len(classes)} -> {grid}")
+    else:
+        print(f"[demo] steering null-condition generations toward each class -> {grid}")
 
     summary["artefacts"] = artefacts
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))

@@ -362,8 +362,9 @@ class SteerConfig(GenerationConfig, BackboneConfig):
     """Step after the last edited one; default: the end of the schedule."""
     mask: str | None = None
     """Spatial region of the patch grid to edit: upper, lower, left, right or centre; default: everywhere."""
-    branch: SteerBranch = "both"
-    """CFG rows to edit: cond, uncond, both, or cfg (added to cond rows, subtracted from uncond rows)."""
+    branch: SteerBranch | None = None
+    """CFG rows to edit: cond, uncond, both, or cfg (added to cond rows, subtracted from uncond rows); default both
+    for --features edits and cond (amplified by guidance like a prompt) for --toward / --remove."""
     scale: str = "latent"
     """Unit of alpha for add edits: latent (the folded decoder row) or norm (alpha x R(t), the hook's RMS norm at
     each step, along the unit decoder direction; needs --stats)."""
@@ -373,6 +374,26 @@ class SteerConfig(GenerationConfig, BackboneConfig):
     """Feature statistics of this SAE (`tide stats`), for R(t) under --scale norm."""
     target_class: int | None = None
     """If set, report how often the evaluation classifier says this class before and after."""
+    toward: str | None = None
+    """Steer toward this condition (an id, a condition name or a vocabulary word such as `dark`) with the paired
+    feature shifts of a steering profile (tide.analysis.steering_profile): the A -> B shift measured along each
+    sample's own condition A (--classes), or null -> B (--unconditional); no --features needed."""
+    remove: str | None = None
+    """Remove this condition (concept removal): add its C -> null shift, measured along C's generations, to the
+    generations of --classes (default: every class, so the damage to the others shows)."""
+    unconditional: bool = False
+    """Generate the null condition (empty caption / null class) instead of --classes."""
+    profile: str | None = None
+    """Steering profile (`tide profile`) for --toward / --remove; default: measured now, over --profile-samples
+    null-condition generations with seeds from 50000."""
+    profile_samples: int = 16
+    """Calibration generations per condition when the profile is measured now."""
+    strength: float = 1.0
+    """--toward / --remove: multiple of the measured shift added (1 = what the prompt does to those features)."""
+    top_features: int | None = None
+    """--toward / --remove: each condition's features of largest shift to use (default: all the profile kept)."""
+    save_images: str | None = None
+    """Also write before and after images (N, C, H, W in [0, 1]), conds and seeds to this .npz."""
     out: str = "runs/steer.png"
     """Before/after grid (PNG); a JSON summary is written beside it."""
 
@@ -382,13 +403,73 @@ class SteerConfig(GenerationConfig, BackboneConfig):
         from tide.models import load_backbone
         from tide.sae import load_sae
 
-        if not self.features:
-            raise TideError("name the features to edit: --features 12,40")
+        profiled = self.toward is not None or self.remove is not None
+        if profiled and self.features:
+            raise TideError("choose either --features (edit named features) or --toward / --remove (steer with a "
+                            "steering profile), not both")
+        if not self.features and not profiled:
+            raise TideError("name the features to edit (--features 12,40) or a condition to steer toward or away "
+                            "from (--toward 8, --remove 1)")
+        if self.unconditional and self.classes:
+            raise TideError("choose either --unconditional (null-condition generations) or --classes")
+        if self.n < 1:
+            raise TideError(f"--n must be >= 1, got {self.n}")
+        if self.save_images and not str(self.save_images).endswith(".npz"):
+            raise TideError(f"--save-images writes an .npz file, got {self.save_images!r}")
         sae = load_sae(self.sae, device="cpu")
-        backbone = load_backbone(self.backbone or sae.cfg.backbone or DEFAULT_BACKBONE,
-                                 prompts=self.prompts or sae.cfg.prompts or None,
-                                 device=self.device, dtype=self.dtype)
+        spec = self.backbone or sae.cfg.backbone or DEFAULT_BACKBONE
+        prompts = self.prompts or sae.cfg.prompts or None
+        if profiled:
+            from tide.analysis.steering_profile import resolve_conditions
+
+            named = [x for x in (self.toward, self.remove) if x is not None]
+            first = load_backbone(spec, prompts=prompts, device=self.device, dtype=self.dtype)
+            default_classes = list(range(first.num_conditions))
+            backbone, named_ids = resolve_conditions(spec, prompts, named, self.device, self.dtype)
+        else:
+            backbone = load_backbone(spec, prompts=prompts, device=self.device, dtype=self.dtype)
+            default_classes = list(range(backbone.num_conditions))
         sae = sae.to(backbone.device)
+        classes = default_classes if self.classes is None else list(self.classes)
+        from tide.models.base import NULL_CONDITION
+
+        conds = [NULL_CONDITION] * self.n if self.unconditional else [c for c in classes for _ in range(self.n)]
+        backbone.check_conditions(conds)
+        seeds = [self.seed + i for i in range(len(conds))]
+        mask = region_mask(self.mask, tuple(backbone.patch_grid)) if self.mask else None
+        config = SamplerConfig(num_steps=self.num_steps, guidance_scale=self.guidance_scale)
+        if profiled:
+            before, after, target = self._run_profiled(sae, backbone, conds, seeds, config, mask, named_ids)
+        else:
+            before, after, target = self._run_features(sae, backbone, conds, seeds, config, mask)
+        ncol = self.n if self.unconditional else self.n * min(len(classes), 4)
+        path = save_before_after(before, after, self.out, ncol=min(ncol, 16))
+        if self.save_images:
+            save_images_npz(before, after, self.save_images)
+        result = SteerResult(config={k: getattr(self, k) for k in self.__dataclass_fields__}, grid_path=Path(path),
+                             json_path=Path(self.out).with_suffix(".json"), before=before, after=after,
+                             pixel_change=float((after.images - before.images).abs().mean()), **target)
+        result.json_path.write_text(json.dumps(result.to_dict(), indent=1))
+        return result
+
+    def _classifier_rates(self, backbone, before, after, cls: int, required: bool = True) -> dict:
+        """How often the evaluation classifier says ``cls`` before and after; {} for a backbone without a classifier
+        unless ``required`` (an explicit --target-class)."""
+        from tide.eval.classifier import load_classifier
+
+        try:
+            clf = load_classifier(backbone, device=backbone.device)
+        except TideError:
+            if required:
+                raise
+            return {}
+        if not 0 <= cls < int(clf.config["num_classes"]):
+            return {}
+        return {"target_class": clf.class_names[cls],
+                "target_rate_before": float((clf.predict(before.images).cpu() == cls).float().mean()),
+                "target_rate_after": float((clf.predict(after.images).cpu() == cls).float().mean())}
+
+    def _run_features(self, sae, backbone, conds, seeds, config, mask):
         edits = [FeatureEdit(int(f), mode=self.mode, alpha=self.alpha, value=self.value, scale=self.scale, gate=self.gate)
                  for f in self.features]
         hook_scale = None
@@ -399,24 +480,65 @@ class SteerConfig(GenerationConfig, BackboneConfig):
         elif self.scale == "norm":
             raise TideError("--scale norm needs the SAE's feature statistics for R(t): pass --stats STATS.h5 "
                             "(made by `tide stats`)")
-        classes = list(range(backbone.num_conditions)) if self.classes is None else list(self.classes)
-        conds = [c for c in classes for _ in range(self.n)]
-        seeds = [self.seed + i for i in range(len(conds))]
-        mask = region_mask(self.mask, tuple(backbone.patch_grid)) if self.mask else None
-        config = SamplerConfig(num_steps=self.num_steps, guidance_scale=self.guidance_scale)
         before, after = edit_generation(backbone, sae, conds, seeds, config, edits, from_step=self.from_step,
-                                        to_step=self.to_step, mask=mask, branch=self.branch, hook_scale=hook_scale)
-        path = save_before_after(before, after, self.out, ncol=self.n * min(len(classes), 4))
-        target = {}
-        if self.target_class is not None:
-            from tide.eval.classifier import load_classifier
+                                        to_step=self.to_step, mask=mask, branch=self.branch or "both",
+                                        hook_scale=hook_scale)
+        target = self._classifier_rates(backbone, before, after, self.target_class) \
+            if self.target_class is not None else {}
+        return before, after, target
 
-            clf = load_classifier(backbone, device=backbone.device)
-            target = {"target_class": backbone.condition_names[self.target_class],
-                      "target_rate_before": float((clf.predict(before.images).cpu() == self.target_class).float().mean()),
-                      "target_rate_after": float((clf.predict(after.images).cpu() == self.target_class).float().mean())}
-        result = SteerResult(config={k: getattr(self, k) for k in self.__dataclass_fields__}, grid_path=Path(path),
-                             json_path=Path(self.out).with_suffix(".json"), before=before, after=after,
-                             pixel_change=float((after.images - before.images).abs().mean()), **target)
-        result.json_path.write_text(json.dumps(result.to_dict(), indent=1))
-        return result
+    def _run_profiled(self, sae, backbone, conds, seeds, config, mask, named_ids):
+        from tide.analysis.steering_profile import OWN, load_profile, measure_profile, profile_intervention
+        from tide.models.base import NULL_CONDITION
+
+        if self.toward is not None and self.remove is not None:
+            raise TideError("choose one of --toward and --remove per run")
+        n = config.num_steps
+        stop = n if self.to_step is None else int(self.to_step)
+        if not 0 <= int(self.from_step) < stop <= n:
+            raise TideError(f"edit window steps [{self.from_step}, {stop}) lies outside the {n}-step schedule: "
+                            f"need 0 <= from_step < to_step <= {n}")
+        target = named_ids[0]
+        if self.toward is not None:  # each sample along its own condition (null for --unconditional)
+            sources = sorted(set(conds))
+            pairs = [(src, target) for src in sources if src != target]
+            kwargs = dict(toward=[target], source=OWN)
+        else:  # C -> null along C's generations, on every generation
+            pairs = [(target, NULL_CONDITION)]
+            kwargs = dict(toward=[NULL_CONDITION], source=target)
+        if self.profile:
+            profile = load_profile(self.profile)
+            if int(profile.meta.get("num_steps", n)) != n:
+                raise TideError(f"the steering profile {self.profile} was measured on a {profile.meta['num_steps']}-step "
+                                f"schedule: steer with --num-steps {profile.meta['num_steps']} or measure it again")
+            involved = {c for pair in pairs for c in pair if c != NULL_CONDITION}
+            profile = profile.reindexed({c: backbone.condition_names[c] for c in involved})
+            for src, c in pairs:
+                profile.condition(c, src)  # a missing shift is refused by name before anything is generated
+        else:
+            profile = None
+            for src in sorted({p[0] for p in pairs}):
+                got = measure_profile(backbone, sae, [c for s_, c in pairs if s_ == src], config,
+                                      num_samples=self.profile_samples, progress=False, sources=[src])
+                profile = got if profile is None else profile.merged(got)
+        iv = profile_intervention(sae, profile, strength=self.strength, features=self.top_features,
+                                  steps=(int(self.from_step), stop), mask=mask, branch=self.branch or "cond", **kwargs)
+        before = sample(backbone, conds, seeds, config)
+        after = sample(backbone, conds, seeds, config, interventions=[iv])
+        cls = self.target_class if self.target_class is not None else target
+        return before, after, self._classifier_rates(backbone, before, after, cls, self.target_class is not None)
+
+
+def save_images_npz(before: SampleOutput, after: SampleOutput, path) -> Path:
+    """``before`` and ``after`` images (N, C, H, W, float32 in [0, 1]), ``conds`` and ``seeds`` as an .npz, written
+    through a temporary name."""
+    import os
+
+    import numpy as np
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, before=before.images.float().numpy(), after=after.images.float().numpy(),
+                        conds=before.conds.numpy(), seeds=before.seeds.numpy())
+    os.replace(tmp, path)
+    return path
