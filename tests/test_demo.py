@@ -32,7 +32,7 @@ def test_demo_runs_every_stage_and_reports_its_artefacts(backbone, tmp_path, cap
     assert steering["success"] == pytest.approx(sum(steering["success_per_class"]) / 10)
     from tide.analysis.steering_profile import load_profile
 
-    assert sorted(load_profile(out / "steering_profile.h5").shifts) == list(range(10))
+    assert sorted(load_profile(out / "steering_profile.h5").shifts) == [(-1, c) for c in range(10)]  # null -> each class
     assert json.loads((out / "sae" / "steer" / "cfg.json").read_text())["config"]["target"] == "activation"
     printed = capsys.readouterr().out
     assert str(out / "summary.json") in printed

@@ -23,6 +23,9 @@ tokens; ``branch="cfg"`` adds it to the conditional rows and subtracts it from t
 so guidance (``uncond + g * (cond - uncond)``) carries (2g - 1) times the edit instead of g times.
 :func:`edit_generation` re-runs generations from the same seeds with the edit applied from a given step
 on, so the trajectory up to that step is the original one.
+
+Steering toward or away from a *condition* (``tide steer --toward B`` / ``--remove C``) uses the paired feature
+shifts of a steering profile instead of named features (:mod:`tide.analysis.steering_profile`).
 """
 
 from __future__ import annotations
@@ -439,7 +442,8 @@ class SteerConfig(GenerationConfig, BackboneConfig):
         mask = region_mask(self.mask, tuple(backbone.patch_grid)) if self.mask else None
         config = SamplerConfig(num_steps=self.num_steps, guidance_scale=self.guidance_scale)
         if profiled:
-            before, after, target = self._run_profiled(sae, backbone, conds, seeds, config, mask, named_ids)
+            before, after, target = self._run_profiled(sae, backbone, conds, seeds, config, mask, named_ids,
+                                                       len(default_classes))
         else:
             before, after, target = self._run_features(sae, backbone, conds, seeds, config, mask)
         ncol = self.n if self.unconditional else self.n * min(len(classes), 4)
@@ -487,7 +491,8 @@ class SteerConfig(GenerationConfig, BackboneConfig):
             if self.target_class is not None else {}
         return before, after, target
 
-    def _run_profiled(self, sae, backbone, conds, seeds, config, mask, named_ids):
+    def _run_profiled(self, sae, backbone, conds, seeds, config, mask, named_ids, n_base: int):
+        """``n_base``: conditions of the backbone before words were added to its prompts (ids from it on are words)."""
         from tide.analysis.steering_profile import OWN, load_profile, measure_profile, profile_intervention
         from tide.models.base import NULL_CONDITION
 
@@ -499,7 +504,10 @@ class SteerConfig(GenerationConfig, BackboneConfig):
             raise TideError(f"edit window steps [{self.from_step}, {stop}) lies outside the {n}-step schedule: "
                             f"need 0 <= from_step < to_step <= {n}")
         target = named_ids[0]
-        if self.toward is not None:  # each sample along its own condition (null for --unconditional)
+        if self.toward is not None and target >= n_base:  # a word added to the prompts: its null -> word shift
+            pairs = [(NULL_CONDITION, target)]
+            kwargs = dict(toward=[target])
+        elif self.toward is not None:  # each sample along its own condition (null for --unconditional)
             sources = sorted(set(conds))
             pairs = [(src, target) for src in sources if src != target]
             kwargs = dict(toward=[target], source=OWN)
