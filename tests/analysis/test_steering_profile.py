@@ -264,3 +264,13 @@ def test_cli_profile_and_steer_toward(tiny_dit_dir, tmp_path, capsys):
     assert len(err) == 7 and all(line.startswith("tide steer: error: ") for line in err)
     assert "not both" in err[0] and "no shift null -> 3" in err[1] and "no shift 3 -> 1" in err[2]
     assert "--unconditional" in err[3] and "3-step" in err[4] and ".npz" in err[5] and "one of --toward and --remove" in err[6]
+
+
+def test_targets_measured_together_equal_each_measured_alone(tiny_dit, device):
+    sae = make_sae(device)
+    both = measure_profile(tiny_dit, sae, [1, 2, NULL_CONDITION], CFG, num_samples=2, progress=False, sources=[0])
+    assert sorted(both.shifts) == [(0, NULL_CONDITION), (0, 1), (0, 2)]
+    for c in (1, 2):
+        alone = measure_profile(tiny_dit, sae, [c], CFG, num_samples=2, progress=False, sources=[0]).condition(c, 0)
+        torch.testing.assert_close(both.condition(c, 0).shift_STM, alone.shift_STM, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(both.condition(c, 0).act_shift_STD, alone.act_shift_STD, atol=1e-5, rtol=1e-4)

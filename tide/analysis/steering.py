@@ -426,9 +426,8 @@ class SteerConfig(GenerationConfig, BackboneConfig):
             from tide.analysis.steering_profile import resolve_conditions
 
             named = [x for x in (self.toward, self.remove) if x is not None]
-            first = load_backbone(spec, prompts=prompts, device=self.device, dtype=self.dtype)
-            default_classes = list(range(first.num_conditions))
-            backbone, named_ids = resolve_conditions(spec, prompts, named, self.device, self.dtype)
+            backbone, named_ids, n_base = resolve_conditions(spec, prompts, named, self.device, self.dtype)
+            default_classes = list(range(n_base))
         else:
             backbone = load_backbone(spec, prompts=prompts, device=self.device, dtype=self.dtype)
             default_classes = list(range(backbone.num_conditions))

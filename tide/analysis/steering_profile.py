@@ -256,31 +256,40 @@ def measure_profile(backbone, sae, conditions: Sequence[int], config: SamplerCon
     ids = list(range(num_samples))
     shifts, timesteps = {}, None
     bar = tqdm(total=len(pairs) * config.num_steps, disable=not progress, desc="steering profile", unit="step")
-    for src, c in pairs:
+    for src in sources:  # one run of the source's generations serves every target on the same latents
+        targets = [c for c in conditions if c != src]
+        if not targets:
+            continue
         base = Trajectory(backbone, [src] * num_samples, seeds, ids, config, hooked)
-        other = Trajectory(backbone, [c] * num_samples, seeds, ids, config, hooked)
+        others = [Trajectory(backbone, [c] * num_samples, seeds, ids, config, hooked) for c in targets]
         timesteps = base.timesteps.detach().float().cpu()
-        dz, dact = [], []
-        for step, o_step in zip(base, other):
-            other.x = base.x
-            got = []
-            for traj, st in ((other, o_step), (base, step)):
+        dz = {c: [] for c in targets}
+        dact = {c: [] for c in targets}
+        for step, *o_steps in zip(base, *others):
+
+            def run(traj, st):
                 store: dict = {}
                 out = traj.predict(st, [(h, _recorder(store)) for h in hooks])
                 x = cfg.rows(store).to(param.device, param.dtype)
                 n, t, d = x.shape
                 with eval_mode(sae):
                     z = sae.encode(x.reshape(-1, d), torch.full((n * t,), float(step.t), device=param.device))
-                got.append((z.reshape(n, t, -1).float().cpu(), store[cfg.hook].float().cpu(), out))
-            dz.append((got[0][0] - got[1][0]).mean(0))
-            dact.append((got[0][1] - got[1][1]).mean(0))
-            base.advance(step, got[1][2])
-            bar.update(1)
-        dz_STF, dact_STD = torch.stack(dz), torch.stack(dact)
-        mass_F = dz_STF.abs().sum((0, 1))
-        top = mass_F.argsort(descending=True)[: min(keep, len(mass_F))]
-        shifts[(src, c)] = ConditionShift(c, _name(backbone, c), top, dz_STF[..., top].contiguous(), mass_F[top],
-                                          dact_STD, src, _name(backbone, src))
+                return z.reshape(n, t, -1).float().cpu(), store[cfg.hook].float().cpu(), out
+
+            z_src, h_src, out = run(base, step)
+            for c, other, o_step in zip(targets, others, o_steps):
+                other.x = base.x
+                z_c, h_c, _ = run(other, o_step)
+                dz[c].append((z_c - z_src).mean(0))
+                dact[c].append((h_c - h_src).mean(0))
+                bar.update(1)
+            base.advance(step, out)
+        for c in targets:
+            dz_STF, dact_STD = torch.stack(dz[c]), torch.stack(dact[c])
+            mass_F = dz_STF.abs().sum((0, 1))
+            top = mass_F.argsort(descending=True)[: min(keep, len(mass_F))]
+            shifts[(src, c)] = ConditionShift(c, _name(backbone, c), top, dz_STF[..., top].contiguous(), mass_F[top],
+                                              dact_STD, src, _name(backbone, src))
     bar.close()
     meta = {"backbone": backbone.name, "num_steps": config.num_steps, "guidance_scale": config.guidance_scale,
             "num_samples": num_samples, "seed": seed, "keep": keep, "d_sae": cfg.d_sae,
@@ -395,9 +404,10 @@ def profile_intervention(sae, profile: SteeringProfile, toward: Sequence[int | s
 
 def resolve_conditions(backbone_spec: str, prompts: str | None, names: Sequence[str], device: str = "cpu",
                        dtype: str = "float32"):
-    """Load a backbone on which every entry of ``names`` (condition ids, condition names, or words of a
-    vocabulary text encoder) is a condition; returns (backbone, ids). Words that are not yet conditions are
-    appended to the backbone's prompts, so ids 0.. keep their meaning."""
+    """Load a backbone on which every entry of ``names`` (condition ids, condition names, ``null``, or words of a
+    vocabulary text encoder) is a condition; returns (backbone, ids, n_base), n_base being the number of conditions
+    before any word was added. Words that are not yet conditions are appended to the backbone's prompts, so ids
+    0..n_base-1 keep their meaning."""
     from tide.models.loading import load_backbone
 
     backbone = load_backbone(backbone_spec, prompts=prompts, device=device, dtype=dtype)
@@ -415,6 +425,7 @@ def resolve_conditions(backbone_spec: str, prompts: str | None, names: Sequence[
                 return table.index(name.lower())
         return None
 
+    n_base = backbone.num_conditions
     extra = [n for n in names if lookup(backbone, n) is None]
     if extra:
         if backbone.vocabulary is None or backbone.prompts is None:
@@ -426,7 +437,7 @@ def resolve_conditions(backbone_spec: str, prompts: str | None, names: Sequence[
                                  device=device, dtype=dtype)
     ids = [lookup(backbone, n) for n in names]
     backbone.check_conditions([c for c in ids if c != NULL_CONDITION] or [0])
-    return backbone, ids
+    return backbone, ids, n_base
 
 
 @dataclass
@@ -465,6 +476,7 @@ class ProfileConfig:
     """Replace an existing profile at --out."""
 
     def run(self) -> Path:
+        from tide.config import DEFAULT_BACKBONE
         from tide.sae import load_sae
 
         out = Path(self.out)
@@ -475,20 +487,17 @@ class ProfileConfig:
         if self.num_samples < 1 or self.keep < 1 or self.num_steps < 1:
             raise TideError("--num-samples, --keep and --num-steps must be >= 1")
         sae = load_sae(self.sae, device="cpu")
-        from tide.config import DEFAULT_BACKBONE
-
         spec = self.backbone or sae.cfg.backbone or DEFAULT_BACKBONE
-        from tide.models.loading import load_backbone
-
-        prompts = self.prompts or sae.cfg.prompts or None
-        first = load_backbone(spec, prompts=prompts, device=self.device, dtype=self.dtype)
-        every = [str(c) for c in range(first.num_conditions)]
-        targets = [str(c) for c in self.conditions] if self.conditions else every
+        targets = [str(c) for c in self.conditions] if self.conditions else []
         sources = [str(c) for c in self.sources] if self.sources else [NULL_NAME]
-        if "all" in sources:
-            sources = [NULL_NAME] + every
-        backbone, ids = resolve_conditions(spec, prompts, targets + sources, self.device, self.dtype)
-        target_ids, source_ids = ids[: len(targets)], ids[len(targets):]
+        every = "all" in sources
+        sources = [c for c in sources if c != "all"]
+        backbone, ids, n_base = resolve_conditions(spec, self.prompts or sae.cfg.prompts or None, targets + sources,
+                                                   self.device, self.dtype)
+        target_ids = ids[: len(targets)] or list(range(n_base))
+        source_ids = ids[len(targets):]
+        if every:
+            source_ids = list(dict.fromkeys([NULL_CONDITION, *source_ids, *range(n_base)]))
         sae = sae.to(backbone.device)
         config = SamplerConfig(num_steps=self.num_steps, guidance_scale=self.guidance_scale)
         profile = measure_profile(backbone, sae, target_ids, config, self.num_samples, self.seed, self.keep,
