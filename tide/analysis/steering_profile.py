@@ -364,17 +364,16 @@ def profile_fn(sae, profile: SteeringProfile, toward: Sequence[int | str] = (), 
             raise TideError(f"the steering profile holds edits of shape (tokens, width) {tuple(profile.shape_TD)} but "
                             f"the hook carries {tuple(act.shape[1:])}: measure the profile on this backbone and SAE")
         if per_row or away_own:
-            conds = [int(c) for c in ctx.conds_B.tolist()]
-            cond_rows = (ctx.cfg_branch_B == COND).tolist()
-            edits = {}
-            for c, is_cond in zip(conds, cond_rows):
-                key = (c, is_cond)
-                if key not in edits:
-                    # rows of the unconditional branch are edited only under branch="both", where they need their pair
-                    missing = not is_cond and per_row and not any((c, t) in profile.shifts for t, _ in terms)
-                    edits[key] = torch.zeros(profile.shape_TD, device=param.device, dtype=param.dtype) if missing \
-                        else edit_TD(c if per_row else src, step, c)
-            delta = torch.stack([edits[(c, b)] for c, b in zip(conds, cond_rows)])
+            is_cond_B = (ctx.cfg_branch_B == COND).long()
+            keys, inverse_B = torch.unique(ctx.conds_B.long() * 2 + is_cond_B, return_inverse=True)
+            edits = []
+            for key in keys.tolist():  # one edit per (condition, branch), gathered to the rows
+                c, is_cond = key // 2, bool(key % 2)
+                # rows of the unconditional branch are edited only under branch="both", where they need their pair
+                missing = not is_cond and per_row and not any((c, t) in profile.shifts for t, _ in terms)
+                edits.append(torch.zeros(profile.shape_TD, device=param.device, dtype=param.dtype) if missing
+                             else edit_TD(c if per_row else src, step, c))
+            delta = torch.stack(edits)[inverse_B.to(param.device)]
         else:
             delta = edit_TD(src, step, NULL_CONDITION).expand(act.shape[0], -1, -1)
         return act + delta.to(act.device, act.dtype)
