@@ -20,6 +20,11 @@ every cell, so "before" and "after" are paired):
 * attributes (models with a vocabulary): class generations plus the null -> word shift for dark / light / small /
   large, measured on the images (tide.eval.attributes).
 
+A second recipe, the feature patch (tide.analysis.feature_patch: each sample's SAE features set, step by step, to
+what prompt B gives on the same latents, the error term kept), is measured on the same cells, seeds and classifier
+by ``--stage patch``, which adds its section to an existing result (null -> B, A -> B, realism, masked edits; its
+strength is chosen the same way from ``--patch-strengths``).
+
 Success = the evaluation classifier says B; neither = it says neither A nor B. Realism = Fréchet distance, in the
 classifier's features, of all images steered toward B to real Fashion-MNIST test images of B, over the same
 distance for the model's own B generations (``--n`` x 10 seeds). The strengths of null -> B and A -> B are chosen
@@ -68,6 +73,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=10_000)
     p.add_argument("--batch-size", type=int, default=200)
     p.add_argument("--out", default=str(RESULTS / "steering_bench"))
+    p.add_argument("--stage", choices=("all", "patch"), default="all",
+                   help="all: every measurement; patch: add the feature-patch recipe to the results at --out")
+    p.add_argument("--patch-strengths", default="1,1.5,2")
     return p.parse_args(argv)
 
 
@@ -286,6 +294,115 @@ class Bench:
         return out
 
 
+class PatchBench(Bench):
+    """The feature-patch recipe on the cells, seeds and classifier of the profile benchmark."""
+
+    def patched(self, conds, targets, seeds, strength, **kw):
+        from tide.analysis.feature_patch import sample_patched
+
+        return sample_patched(self.backbone, self.sae, conds, targets, seeds, self.cfg, strength=strength, **kw).images
+
+    def choose_strength(self) -> float:
+        seeds = [60_000 + i for i in range(self.args.select_n)]
+        n = len(seeds)
+        rates = {}
+        for st in (float(v) for v in self.args.patch_strengths.split(",")):
+            conds = [NULL_CONDITION] * (n * 10) + [(b + 3) % 10 for b in self.classes for _ in seeds]
+            targets = [b for b in self.classes for _ in seeds] * 2
+            pred = self.predict(self.patched(conds, targets, seeds * 20, st))
+            rates[st] = float((pred == np.asarray(targets)).mean())
+            self.log(f"patch, selection seeds at strength {st}: {rates[st]:.0%} (null -> B and A -> B)")
+        self.selection = rates
+        return max(rates, key=lambda v: (rates[v], -v))
+
+    def pairs(self, strength):
+        n, seeds = self.args.n, [self.args.seed + i for i in range(self.args.n)]
+        self.seeds = seeds
+        cells = []
+        null_after = self.patched([NULL_CONDITION] * n * 10, [b for b in self.classes for _ in seeds], seeds * 10,
+                                  strength)
+        for b in self.classes:
+            pred = self.predict(null_after[b * n:(b + 1) * n])
+            cells.append({"from": "null", "to": b, "variant": "patch", "success": float((pred == b).mean()),
+                          "neither": float((pred != b).mean())})
+        self.log(f"patch null -> B: {np.mean([c['success'] for c in cells]):.0%}")
+        ab = torch.zeros(10, 10, n, *null_after.shape[1:])
+        for b in self.classes:
+            sources = [a for a in self.classes if a != b]
+            after = self.patched([a for a in sources for _ in seeds], [b] * (n * len(sources)), seeds * len(sources),
+                                 strength)
+            for i, a in enumerate(sources):
+                got = after[i * n:(i + 1) * n]
+                ab[a, b] = got
+                pred = self.predict(got)
+                cells.append({"from": a, "to": b, "variant": "patch", "success": float((pred == b).mean()),
+                              "neither": float(((pred != a) & (pred != b)).mean()), "still_a": float((pred == a).mean())})
+        self.log(f"patch A -> B: {np.mean([c['success'] for c in cells if c['from'] != 'null']):.0%}, neither "
+                 f"{np.mean([c['neither'] for c in cells if c['from'] != 'null']):.0%}")
+        self.images["patch_null_after"] = null_after.reshape(10, n, *null_after.shape[1:])
+        self.images["patch_pairs_after"] = ab
+        return cells
+
+    def realism(self):
+        real, labels = load_fashion_mnist("test")
+        real = torch.from_numpy(real).float().div(255)[:, None]
+        own_all = self.images["own"][:, : self.args.n]
+        out = {}
+        for b in self.classes:
+            steered = torch.cat([self.images["patch_null_after"][b]] + [self.images["patch_pairs_after"][a, b]
+                                                                        for a in self.classes if a != b])
+            f_real = self.clf.embed(real[torch.from_numpy(labels == b)])
+            extra = [s + 1000 * k for k in range(1, len(self.classes)) for s in self.seeds]
+            own = torch.cat([own_all[b], self.gen([b] * len(extra), extra)])[: len(steered)]
+            fd_steer, fd_own = frechet_distance(self.clf.embed(steered), f_real), frechet_distance(self.clf.embed(own), f_real)
+            out[str(b)] = {"fd_steered": fd_steer, "fd_own": fd_own, "ratio": fd_steer / fd_own,
+                           "n_steered": len(steered), "n_own": len(own)}
+        self.log(f"patch realism: FD ratio median {np.median([v['ratio'] for v in out.values()]):.2f}")
+        return out
+
+    def masked(self, strength):
+        from tide.analysis.steering import region_mask
+
+        n, seeds, grid = self.args.n, self.seeds, tuple(self.backbone.patch_grid)
+        own = self.images["own"][:, :n]
+        out, shown = [], []
+        for region in ("left", "upper"):
+            tok = region_mask(region, grid)
+            ph, pw = 28 // grid[0], 28 // grid[1]
+            pix = tok.repeat_interleave(ph, 0).repeat_interleave(pw, 1)
+            for start in (0, 4, 8):
+                after = self.patched([a for a in self.classes for _ in seeds], [(a + 1) % 10 for a in self.classes
+                                                                               for _ in seeds], seeds * 10, strength,
+                                     steps=(start, self.args.num_steps), mask=tok)
+                d = (after.reshape(10, n, *after.shape[1:]) - own).abs()[:, :, 0]
+                ins, outs = float(d[:, :, pix].mean()), float(d[:, :, ~pix].mean())
+                if region == "left":
+                    shown.append(after[:8])
+                out.append({"region": region, "from_step": start, "inside": ins, "outside": outs,
+                            "outside_over_inside": outs / ins})
+                self.log(f"patch masked {region} from step {start}: outside/inside {outs / ins:.2f}")
+        self.images["patch_masked_left_0to1"] = torch.stack(shown)
+        return out
+
+
+def run_patch_stage(args):
+    """Add the feature-patch recipe to the results at ``--out`` (made by a full run)."""
+    out = Path(args.out)
+    res = json.loads(out.with_suffix(".json").read_text())
+    bench = PatchBench(args)
+    with np.load(out.with_name(out.name + "_images.npz")) as z:
+        bench.images = {k: torch.from_numpy(z[k]).float().div(255) for k in z.files if k not in ("seeds", "note")}
+    started = time.time()
+    strength = bench.choose_strength()
+    bench.log(f"patch strength {strength}")
+    cells = bench.pairs(strength)
+    res["patch"] = {"args": {k: v for k, v in vars(args).items()}, "strength": strength, "selection": bench.selection,
+                    "cells": cells, "realism": bench.realism(), "masked": bench.masked(strength)}
+    res["patch"]["seconds"] = time.time() - started
+    res["summary"] = summarise(res)
+    return res, bench
+
+
 def summarise(res: dict) -> dict:
     cells = res["cells"]
     null = [c for c in cells if c["from"] == "null"]
@@ -302,7 +419,19 @@ def summarise(res: dict) -> dict:
 
     best = max(groups, key=score)
     chosen = [r for r in rem if (r["variant"], r["strength"]) == best]
-    return {
+    patch = {}
+    if "patch" in res:
+        pc = res["patch"]["cells"]
+        pab = [c for c in pc if c["from"] != "null"]
+        patch = {"patch_strength": res["patch"]["strength"],
+                 "patch_null_to_b_success": float(np.mean([c["success"] for c in pc if c["from"] == "null"])),
+                 "patch_a_to_b_success": float(np.mean([c["success"] for c in pab])),
+                 "patch_a_to_b_neither": float(np.mean([c["neither"] for c in pab])),
+                 "patch_a_to_b_pairs_at_least_70": int(sum(c["success"] >= 0.7 for c in pab)),
+                 "patch_realism_ratio_median": float(np.median([v["ratio"] for v in res["patch"]["realism"].values()])),
+                 "patch_realism_ratio_max": float(np.max([v["ratio"] for v in res["patch"]["realism"].values()])),
+                 "patch_masked_outside_over_inside": [m["outside_over_inside"] for m in res["patch"]["masked"]]}
+    return {**patch,
         "null_to_b_success": float(np.mean([c["success"] for c in null])),
         "a_to_b_success": float(np.mean([c["success"] for c in ab])),
         "a_to_b_neither": float(np.mean([c["neither"] for c in ab])),
@@ -321,22 +450,38 @@ def summarise(res: dict) -> dict:
 
 def write_markdown(res: dict, path: Path, names: list[str]):
     s = res["summary"]
+    P = res.get("patch")
+    ps = {k[len("patch_"):]: v for k, v in s.items() if k.startswith("patch_")}
+
+    def both(key, fmt="{:.1%}"):
+        return fmt.format(s[key]) + " | " + (fmt.format(ps[key]) if key in ps else "–")
+
     lines = ["# Steering benchmark (`experiments/steering_bench.py`)", "",
-             f"SAE `{res['args']['sae']}`; {res['args']['n']} generations per cell (seeds {res['args']['seed']}..); "
-             f"strengths {res['strengths']} chosen on separate seeds (60000..) from {res['selection']}.", "",
-             "| measure | value | aim |", "|---|---|---|",
-             f"| null → B success | {s['null_to_b_success']:.1%} | ≥ 90% |",
-             f"| A → B success (A → B shift along A's generations), 90 pairs | {s['a_to_b_success']:.1%} | ≥ 70% |",
-             f"| A → B neither-class rate | {s['a_to_b_neither']:.1%} | ≤ 15% |",
-             f"| A → B success, null → B minus null → A shifts | {s['a_to_b_null_shifts_success']:.1%} (neither "
-             f"{s['a_to_b_null_shifts_neither']:.1%}) | |",
-             f"| the model's own B generations called B | {s['own_b_agreement']:.1%} | (ceiling) |",
-             f"| A → B by patching the hook with prompt B's activation, sample by sample (no SAE) | "
-             f"{s['a_to_b_patch_success']:.1%} (neither {s['a_to_b_patch_neither']:.1%}) | (one-hook ceiling) |",
-             f"| realism: FD(steered B, real B) / FD(own B, real B), median over B [max] | "
-             f"{s['realism_ratio_median']:.2f} [{s['realism_ratio_max']:.2f}] | ≤ 2 |",
-             f"| removal of C ({s['removal_best']}) | {s['removal_removed']:.1%} removed | ≥ 90% |",
-             f"| removal collateral on other classes | {s['removal_collateral_points']:.1f} points | ≤ 5 |", ""]
+             f"SAE `{res['args']['sae']}`; {res['args']['n']} generations per cell (seeds {res['args']['seed']}..). "
+             "Two recipes: the **profile** (the mean paired feature shift, added) and the **patch** (each sample's "
+             "features set to what prompt B gives on its latents, step by step). Profile strengths "
+             f"{res['strengths']} chosen on separate seeds (60000..) from {res['selection']}"
+             + (f"; patch strength {P['strength']} chosen the same way from {P['selection']}." if P else "."), "",
+             "| measure | profile | patch | aim |", "|---|---|---|---|",
+             f"| null → B success | {both('null_to_b_success')} | ≥ 90% |",
+             f"| A → B success, 90 pairs | {both('a_to_b_success')} | ≥ 70% |",
+             f"| A → B neither-class rate | {both('a_to_b_neither')} | ≤ 15% |",
+             f"| realism: FD(steered B, real B) / FD(own B, real B), median over B | "
+             f"{both('realism_ratio_median', '{:.2f}')} | ≤ 2 |",
+             f"| realism, worst B | {both('realism_ratio_max', '{:.2f}')} | |",
+             f"| masked edits, outside / inside (left, upper × from step 0, 4, 8) | "
+             + ", ".join(f"{m['outside_over_inside']:.2f}" for m in res["masked"]) + " | "
+             + (", ".join(f"{v:.2f}" for v in ps["masked_outside_over_inside"]) if ps else "–") + " | ≤ 0.15 |",
+             f"| removal of C ({s['removal_best']}) | {s['removal_removed']:.1%} removed | – | ≥ 90% |",
+             f"| removal collateral on other classes | {s['removal_collateral_points']:.1f} points | – | ≤ 5 |", "",
+             "References on the same seeds:", "",
+             f"- A → B with the null → B minus null → A profile shifts: {s['a_to_b_null_shifts_success']:.1%} "
+             f"(neither {s['a_to_b_null_shifts_neither']:.1%});",
+             f"- the model's own B generations called B: {s['own_b_agreement']:.1%} (the ceiling of every success rate);",
+             f"- A → B by patching the hook with prompt B's whole activation, sample by sample (no SAE): "
+             f"{s['a_to_b_patch_success']:.1%} (neither {s['a_to_b_patch_neither']:.1%}), the one-hook ceiling"
+             + (f"; the feature patch, which keeps the SAE's error term, reaches {ps['a_to_b_success']:.1%}, and "
+                f"{ps['a_to_b_pairs_at_least_70']} of its 90 pairs reach 70%." if ps else "."), ""]
     lines += ["## Success per cell (rows: from; columns: toward B)", "",
               "| from \\ to | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     cells = res["cells"]
@@ -346,6 +491,15 @@ def write_markdown(res: dict, path: Path, names: list[str]):
             c = [x for x in cells if x["from"] == a and x["to"] == b and x["variant"] == ("+B" if a == "null" else "A->B")]
             row.append(f"{c[0]['success']:.0%}" if c else "–")
         lines.append(f"| {a if a == 'null' else names[a]} | " + " | ".join(row) + " |")
+    if P:
+        lines += ["", "## Success per cell, feature patch (rows: from; columns: toward B)", "",
+                  "| from \\ to | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for a in ["null"] + list(range(len(names))):
+            row = []
+            for b in range(len(names)):
+                c = [x for x in P["cells"] if x["from"] == a and x["to"] == b]
+                row.append(f"{c[0]['success']:.0%}" if c else "–")
+            lines.append(f"| {a if a == 'null' else names[a]} | " + " | ".join(row) + " |")
     lines += ["", "## Removal", "", "| edit | strength | still C (before) | removed | collateral (mean / worst points) |",
               "|---|---|---|---|---|"]
     for v_, s_ in sorted({(r["variant"], r["strength"]) for r in res["removal"]}):
@@ -362,9 +516,18 @@ def write_markdown(res: dict, path: Path, names: list[str]):
                   "| toward | moved the right way | mean change | class kept |", "|---|---|---|---|"]
         for a in res["attributes"]:
             lines.append(f"| {a['word']} ({a['group']}) | {a['moved_right_way']:.0%} | {a['mean_change']:+.3f} | {a['class_kept']:.0%} |")
-    lines += ["", "## Realism per target class", "", "| B | FD steered | FD own | ratio |", "|---|---|---|---|"]
+    if P:
+        lines += ["", "## Masked edits, feature patch", "",
+                  "| region | from step | mean |Δpixel| inside | outside | outside / inside |", "|---|---|---|---|---|"]
+        for m in P["masked"]:
+            lines.append(f"| {m['region']} | {m['from_step']} | {m['inside']:.3f} | {m['outside']:.3f} | "
+                         f"{m['outside_over_inside']:.2f} |")
+    lines += ["", "## Realism per target class", "", "| B | FD own | FD profile-steered | ratio | FD patch-steered | ratio |",
+              "|---|---|---|---|---|---|"]
     for b, v in res["realism"].items():
-        lines.append(f"| {names[int(b)]} | {v['fd_steered']:.2f} | {v['fd_own']:.2f} | {v['ratio']:.2f} |")
+        pv = P["realism"][b] if P else None
+        lines.append(f"| {names[int(b)]} | {v['fd_own']:.2f} | {v['fd_steered']:.2f} | {v['ratio']:.2f} | "
+                     + (f"{pv['fd_steered']:.2f} | {pv['ratio']:.2f} |" if pv else "– | – |"))
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -375,29 +538,38 @@ def figure(res: dict, images: dict, path: Path, names: list[str]):
     import matplotlib.pyplot as plt
 
     k = len(names)
-    m = np.full((k + 1, k), np.nan)
-    for c in res["cells"]:
-        if c["from"] == "null":
-            m[0, c["to"]] = c["success"]
-        elif c["variant"] == "A->B":
-            m[1 + c["from"], c["to"]] = c["success"]
-    fig, ax = plt.subplots(figsize=(7, 6.5))
-    im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
-    for i in range(k + 1):
-        for j in range(k):
-            if not np.isnan(m[i, j]):
-                ax.text(j, i, f"{m[i, j]:.0%}".replace("%", ""), ha="center", va="center", fontsize=7,
-                        color="white" if m[i, j] < 0.6 else "black")
-    ax.set_xticks(range(k), names, rotation=45, ha="right")
-    ax.set_yticks(range(k + 1), ["null"] + names)
-    ax.set_xlabel("steered toward B")
-    ax.set_ylabel("generations of")
-    s = res["summary"]
-    ax.set_title(f"classifier says B (%): null→B {s['null_to_b_success']:.0%}, A→B {s['a_to_b_success']:.0%}\n"
-                 f"neither {s['a_to_b_neither']:.0%}, realism ratio {s['realism_ratio_median']:.2f}", fontsize=10)
-    fig.colorbar(im, ax=ax, fraction=0.04)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+
+    def matrix(cells, variant):
+        m = np.full((k + 1, k), np.nan)
+        for c in cells:
+            if c["from"] == "null":
+                m[0, c["to"]] = c["success"]
+            elif c["variant"] == variant:
+                m[1 + c["from"], c["to"]] = c["success"]
+        return m
+
+    panels = [("profile (mean shift)", matrix(res["cells"], "A->B"), res["summary"]["null_to_b_success"],
+               res["summary"]["a_to_b_success"], res["summary"]["a_to_b_neither"])]
+    if "patch" in res:
+        s = res["summary"]
+        panels.append(("feature patch", matrix(res["patch"]["cells"], "patch"), s["patch_null_to_b_success"],
+                       s["patch_a_to_b_success"], s["patch_a_to_b_neither"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 6.5), squeeze=False)
+    for ax, (title, m, nb, ab, nei) in zip(axes[0], panels):
+        im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
+        for i in range(k + 1):
+            for j in range(k):
+                if not np.isnan(m[i, j]):
+                    ax.text(j, i, f"{m[i, j]:.0%}".replace("%", ""), ha="center", va="center", fontsize=7,
+                            color="white" if m[i, j] < 0.6 else "black")
+        ax.set_xticks(range(k), names, rotation=45, ha="right")
+        ax.set_yticks(range(k + 1), ["null"] + names)
+        ax.set_xlabel("steered toward B")
+        if ax is axes[0][0]:
+            ax.set_ylabel("generations of")
+        ax.set_title(f"{title}: classifier says B (%)\nnull→B {nb:.0%}, A→B {ab:.0%}, neither {nei:.0%}", fontsize=10)
+    fig.colorbar(im, ax=axes[0].tolist(), fraction=0.03)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     # example images: null before, null -> B, then for A = 0..3 the A generation and A -> each B
     rows, labels = [torch.stack([images["null_before"][b % len(images["null_before"])] for b in range(k)]),
@@ -405,6 +577,13 @@ def figure(res: dict, images: dict, path: Path, names: list[str]):
     for a in range(4):
         rows.append(torch.stack([images["own"][a, 0] if b == a else images["pairs_after"][a, b, 0] for b in range(k)]))
         labels.append(f"{names[a]}→B")
+    if "patch_pairs_after" in images:
+        rows.append(torch.stack([images["patch_null_after"][b, 0] for b in range(k)]))
+        labels.append("null→B patch")
+        for a in range(4):
+            rows.append(torch.stack([images["own"][a, 0] if b == a else images["patch_pairs_after"][a, b, 0]
+                                     for b in range(k)]))
+            labels.append(f"{names[a]}→B patch")
     save_grid(torch.cat(rows), path.with_name(path.stem + "_examples.png"), nrow=k, row_labels=labels,
               title="steered toward B (columns B = " + ", ".join(names) + "); diagonal: the unedited generation")
 
@@ -412,6 +591,9 @@ def figure(res: dict, images: dict, path: Path, names: list[str]):
 def main(argv=None):
     args = parse_args(argv)
     torch.set_grad_enabled(False)
+    if args.stage == "patch":
+        res, bench = run_patch_stage(args)
+        return write(res, bench, args)
     bench = Bench(args)
     bench.measure()
     strengths = bench.choose_strength()
@@ -427,6 +609,10 @@ def main(argv=None):
     res["attributes"] = bench.attributes(strengths["null"])
     res["summary"] = summarise(res)
     res["seconds"] = time.time() - bench.started
+    return write(res, bench, args)
+
+
+def write(res, bench, args):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
@@ -439,7 +625,7 @@ def main(argv=None):
                             "uint8 images (value / 255 in [0, 1]); null_before (n, C, H, W); null_after (B, n, ...); "
                             "own (A, n, ...): the model's own class-A generations; pairs_after (A, B, n, ...): A -> B "
                             "(the A -> B shift), zeros on the diagonal; masked_left_0to1: class 0 -> 1 inside the left half, "
-                            "one row per start step 0, 4, 8"))
+                            "one row per start step 0, 4, 8; patch_*: the same cells by the feature patch"))
     print(json.dumps(res["summary"], indent=1))
 
 

@@ -7,7 +7,7 @@ residual stream before and after the middle block at every denoising step into a
 (configs/faithful.yaml, scaled down: the block's update as the target, each dimension standardised),
 evaluate both (per-timestep FVU, and spliced into generation at every step: classifier agreement),
 map the TIDE SAE's features in one streaming pass, export a static dashboard, and steer null-condition
-generations toward every class with a steering profile of an SAE on the residual stream itself.
+generations toward every class by patching the features of an SAE on the residual stream itself.
 """
 
 from __future__ import annotations
@@ -52,8 +52,6 @@ class DemoConfig(GenerationConfig, BackboneConfig):
     """Samples per class generated with each SAE spliced in at every step (0 skips it)."""
     dashboard_features: int = 16
     """Features of the TIDE SAE shown in the demo dashboard (the most frequent ones)."""
-    steer_calibration: int = 16
-    """Null-condition generations behind the demo's steering profile (per class)."""
     steer_samples: int = 8
     """Null-condition generations steered toward each class in the demo's steering grid."""
 
@@ -185,9 +183,10 @@ def run_demo(config: DemoConfig) -> dict:
     artefacts["dashboard"] = str(dashboard.index_path)
     print(f"[demo] dashboard of {dashboard.num_features} features -> open {dashboard.index_path}")
 
-    # 7. steering: null-condition generations steered toward each class by the paired feature shifts its prompt
-    #    causes (a steering profile of the activation SAE), with the rate the evaluation classifier measures
-    from tide.analysis.steering_profile import measure_profile, profile_intervention
+    # 7. steering: null-condition generations steered toward each class by patching the activation SAE's features,
+    #    step by step, toward what the class prompt gives on the same latents; the rate the evaluation classifier
+    #    measures
+    from tide.analysis.feature_patch import sample_patched
     from tide.images import save_grid
     from tide.models.base import NULL_CONDITION
     from tide.sae import load_sae
@@ -197,14 +196,12 @@ def run_demo(config: DemoConfig) -> dict:
     steer_cfg = SamplerConfig(num_steps=config.num_steps, guidance_scale=config.guidance_scale)
     classes = list(range(backbone.num_conditions))
     start = time.perf_counter()
-    profile = measure_profile(backbone, sae, classes, steer_cfg, num_samples=config.steer_calibration,
-                              seed=config.seed + 50_000, progress=False)
-    profile.save(out / "steering_profile.h5")
     steer_n = config.steer_samples
-    seeds = [config.seed + 1000 + i for i in range(steer_n)]  # not the calibration seeds
+    seeds = [config.seed + 1000 + i for i in range(steer_n)]
     before = sample(backbone, [NULL_CONDITION] * steer_n, seeds, steer_cfg)
-    afters = [sample(backbone, [NULL_CONDITION] * steer_n, seeds, steer_cfg,
-                     interventions=[profile_intervention(sae, profile, toward=[b])]).images for b in classes]
+    patched = sample_patched(backbone, sae, [NULL_CONDITION] * (steer_n * len(classes)),
+                             [b for b in classes for _ in seeds], seeds * len(classes), steer_cfg).images
+    afters = list(patched.split(steer_n))
     seconds = time.perf_counter() - start
     names = backbone.condition_names
     rate, per_class = None, None
@@ -219,14 +216,12 @@ def run_demo(config: DemoConfig) -> dict:
         title += f"; classifier says the class in {rate:.0%} of {steer_n * len(classes)}"
     grid = save_grid(torch.cat(rows), out / "steering.png", nrow=len(classes),
                      row_labels=[lab for i in range(shown) for lab in (f"null #{i}", "steered")], title=title)
-    summary["steering"] = {"recipe": "steering profile (paired feature shifts), null condition -> each class",
-                           "sae": str(out / "sae" / steer_spec.name), "calibration_samples": config.steer_calibration,
-                           "samples_per_class": steer_n, "seconds": round(seconds, 1), "success": rate,
-                           "success_per_class": per_class}
+    summary["steering"] = {"recipe": "feature patch (tide.analysis.feature_patch), null condition -> each class",
+                           "sae": str(out / "sae" / steer_spec.name), "samples_per_class": steer_n,
+                           "seconds": round(seconds, 1), "success": rate, "success_per_class": per_class}
     artefacts["steering"] = str(grid)
-    artefacts["steering_profile"] = str(out / "steering_profile.h5")
     if rate is not None:
-        print(f"[demo] steering null-condition generations toward each class with its steering profile: the "
+        print(f"[demo] steering null-condition generations toward each class by patching SAE features: the "
               f"classifier says the target class in {rate:.0%} of {steer_n * len(classes)} -> {grid}")
     else:
         print(f"[demo] steering null-condition generations toward each class -> {grid}")

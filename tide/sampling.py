@@ -129,19 +129,21 @@ class Trajectory:
     the current latents (with hook functions if given) and returns the guided output the
     scheduler expects; :meth:`advance` takes the scheduler step with an output. Sampling predicts
     once and advances; the spliced evaluation predicts several times per step and advances along
-    the clean prediction. Works for DDPM-style schedulers (``init_noise_sigma``,
+    the clean prediction. ``cond_only``: only the conditional rows, with the guidance inputs of the
+    config (a reference pass that reads what a condition does on another trajectory's latents). Works for DDPM-style schedulers (``init_noise_sigma``,
     ``scale_model_input``) and flow-matching ones (which have neither), as diffusers' pipelines do.
     """
 
     def __init__(self, backbone: Backbone, conds: Sequence[int], seeds: Sequence[int],
-                 sample_ids: Sequence[int], config: SamplerConfig, hooked: HookedBackbone | None = None):
+                 sample_ids: Sequence[int], config: SamplerConfig, hooked: HookedBackbone | None = None,
+                 cond_only: bool = False):
         self.backbone, self.config = backbone, config
         self.hooked = hooked
         self.scheduler = backbone.make_scheduler(config.num_steps)
         self.x = initial_noise(backbone, seeds) * getattr(self.scheduler, "init_noise_sigma", 1.0)
         self.batch = b = len(conds)
         self.guidance_scale = backbone.resolve_guidance(config.guidance_scale)
-        self.cfg = backbone.uses_cfg(self.guidance_scale)
+        self.cfg = backbone.uses_cfg(self.guidance_scale) and not cond_only
         conds_B, ids_B = torch.tensor([int(c) for c in conds]), torch.tensor([int(i) for i in sample_ids])
         branch_B = torch.full((b,), COND, dtype=torch.int8)
         if self.cfg:

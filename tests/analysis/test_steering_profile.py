@@ -248,7 +248,7 @@ def test_cli_profile_and_steer_toward(tiny_dit_dir, tmp_path, capsys):
     assert not list(tmp_path.glob("*.tmp*"))
     # measured on the fly when no profile is given
     assert main(["steer", *base, "--num-steps", "3", "--n", "1", "--profile-samples", "1", "--toward", "3",
-                 "--classes", "0,1", "--out", str(tmp_path / "t.png")]) == 0
+                 "--recipe", "profile", "--classes", "0,1", "--out", str(tmp_path / "t.png")]) == 0
     # refused, one line each, nothing written
     (tmp_path / "s.png").unlink()
     assert main(steer + ["--toward", "1", "--features", "3"]) == 2

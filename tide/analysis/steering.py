@@ -24,8 +24,9 @@ so guidance (``uncond + g * (cond - uncond)``) carries (2g - 1) times the edit i
 :func:`edit_generation` re-runs generations from the same seeds with the edit applied from a given step
 on, so the trajectory up to that step is the original one.
 
-Steering toward or away from a *condition* (``tide steer --toward B`` / ``--remove C``) uses the paired feature
-shifts of a steering profile instead of named features (:mod:`tide.analysis.steering_profile`).
+Steering toward a *condition* (``tide steer --toward B``) patches each sample's features toward what B gives on
+the same latents (:mod:`tide.analysis.feature_patch`); toward a vocabulary word, or away from a condition
+(``--remove C``), it adds the paired feature shifts of a steering profile (:mod:`tide.analysis.steering_profile`).
 """
 
 from __future__ import annotations
@@ -378,9 +379,14 @@ class SteerConfig(GenerationConfig, BackboneConfig):
     target_class: int | None = None
     """If set, report how often the evaluation classifier says this class before and after."""
     toward: str | None = None
-    """Steer toward this condition (an id, a condition name or a vocabulary word such as `dark`) with the paired
-    feature shifts of a steering profile (tide.analysis.steering_profile): the A -> B shift measured along each
-    sample's own condition A (--classes), or null -> B (--unconditional); no --features needed."""
+    """Steer toward this condition (an id, a condition name or a vocabulary word such as `dark`), no --features
+    needed: by feature patching for a condition (see --recipe), by the null -> word shift of a steering profile for
+    a word."""
+    recipe: str | None = None
+    """--toward a condition: patch (each sample's SAE features set, step by step, to what the condition gives on
+    the same latents; tide.analysis.feature_patch) or profile (the mean paired shift of a steering profile,
+    tide.analysis.steering_profile, measured along each sample's own condition); default: patch, or profile when
+    --profile is given. Words and --remove always use a profile."""
     remove: str | None = None
     """Remove this condition (concept removal): add its C -> null shift, measured along C's generations, to the
     generations of --classes (default: every class, so the damage to the others shows)."""
@@ -394,7 +400,8 @@ class SteerConfig(GenerationConfig, BackboneConfig):
     strength: float = 1.0
     """--toward / --remove: multiple of the measured shift added (1 = what the prompt does to those features)."""
     top_features: int | None = None
-    """--toward / --remove: each condition's features of largest shift to use (default: all the profile kept)."""
+    """--toward / --remove: each condition's features of largest shift to use (default: all the profile kept); with
+    --recipe patch, the features patched per token, those whose latents differ most (default: every feature)."""
     save_images: str | None = None
     """Also write before and after images (N, C, H, W in [0, 1]), conds and seeds to this .npz."""
     out: str = "runs/steer.png"
@@ -497,13 +504,21 @@ class SteerConfig(GenerationConfig, BackboneConfig):
 
         if self.toward is not None and self.remove is not None:
             raise TideError("choose one of --toward and --remove per run")
+        if self.recipe not in (None, "patch", "profile"):
+            raise TideError(f"--recipe is patch or profile, got {self.recipe!r}")
         n = config.num_steps
         stop = n if self.to_step is None else int(self.to_step)
         if not 0 <= int(self.from_step) < stop <= n:
             raise TideError(f"edit window steps [{self.from_step}, {stop}) lies outside the {n}-step schedule: "
                             f"need 0 <= from_step < to_step <= {n}")
         target = named_ids[0]
-        if self.toward is not None and target >= n_base:  # a word added to the prompts: its null -> word shift
+        word = self.toward is not None and target >= n_base
+        if self.recipe == "patch" and (word or self.remove is not None or self.profile):
+            raise TideError("--recipe patch steers --toward a condition of the backbone; words, --remove and --profile "
+                            "use --recipe profile")
+        if self.toward is not None and not word and self.recipe != "profile" and not self.profile:
+            return self._run_patched(sae, backbone, conds, seeds, config, mask, target, (int(self.from_step), stop))
+        if word:  # a word added to the prompts: its null -> word shift
             pairs = [(NULL_CONDITION, target)]
             kwargs = dict(toward=[target])
         elif self.toward is not None:  # each sample along its own condition (null for --unconditional)
@@ -532,6 +547,19 @@ class SteerConfig(GenerationConfig, BackboneConfig):
                                   steps=(int(self.from_step), stop), mask=mask, branch=self.branch or "cond", **kwargs)
         before = sample(backbone, conds, seeds, config)
         after = sample(backbone, conds, seeds, config, interventions=[iv])
+        cls = self.target_class if self.target_class is not None else target
+        return before, after, self._classifier_rates(backbone, before, after, cls, self.target_class is not None)
+
+
+    def _run_patched(self, sae, backbone, conds, seeds, config, mask, target: int, window):
+        from tide.analysis.feature_patch import sample_patched
+
+        if self.branch not in (None, "cond"):
+            raise TideError(f"a feature patch edits the conditional rows only (got --branch {self.branch}): drop "
+                            "--branch, or use --recipe profile")
+        before = sample(backbone, conds, seeds, config)
+        after = sample_patched(backbone, sae, conds, [target] * len(conds), seeds, config, strength=self.strength,
+                               top_features=self.top_features, steps=window, mask=mask)
         cls = self.target_class if self.target_class is not None else target
         return before, after, self._classifier_rates(backbone, before, after, cls, self.target_class is not None)
 
