@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml requirements.txt
 setup: system-deps $(STAMP)
 
 demo: setup
-	$(BIN)/tide demo --out runs/demo
+	$(BIN)/tide demo --out runs/demo --overwrite
 
 test: setup
 	$(BIN)/python -m pytest -q tests

@@ -92,3 +92,18 @@ def test_a_backbone_that_does_not_exist_is_refused_before_any_model_import(tmp_p
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
     assert "RC 2 HEAVY []" in proc.stdout
     assert "no embedded model or checkpoint directory named 'no-such-model'" in proc.stderr
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["eval", "--bogus", "1"], "tide eval: error: unknown flag --bogus (see tide eval --help)"),
+    (["stats", "--top-k"], "tide stats: error: argument --top-k: expected one argument (see tide stats --help)"),
+    ([], "tide: error: give a command (tide --help lists them)"),
+])
+def test_argparse_errors_are_one_line_without_the_usage_block(argv, line):
+    proc = subprocess.run([sys.executable, "-m", "tide.cli", *argv], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip() == line and proc.stdout == ""
+
+
+def test_help_still_prints_usage_and_exits_0():
+    proc = subprocess.run([sys.executable, "-m", "tide.cli", "stats", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: tide stats") and "--overwrite" in proc.stdout

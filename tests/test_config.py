@@ -41,3 +41,21 @@ def test_a_choice_field_refuses_values_outside_its_choices_by_name():
     assert from_dict(CaptureConfig, {"cfg_branch": "both"}).cfg_branch == "both"
     with pytest.raises(TideError, match="config field 'cfg_branch' must be one of 'cond', 'uncond', 'both', got 'neither'"):
         from_dict(CaptureConfig, {"cfg_branch": "neither"})
+
+
+def test_a_broken_yaml_file_is_one_line_with_its_line_and_column(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("n: 3\nclasses: [1, 2\nout: x.png\n")
+    with pytest.raises(TideError) as exc:
+        load_yaml(GenerateConfig, path)
+    message = str(exc.value)
+    assert "\n" not in message and message.startswith(f"{path}:3:4: not valid YAML: ") and "fix the file there" in message
+    path.write_text("n: 3\nnum-steps: 4\n")
+    with pytest.raises(TideError, match=r"bad\.yaml: unknown key 'num-steps' \(did you mean 'num_steps' for "
+                                        r"'num-steps'\?\); valid keys: .*num_steps"):
+        load_yaml(GenerateConfig, path)
+    path.write_text("n: many\n")
+    with pytest.raises(TideError, match=r"bad\.yaml: config field 'n': cannot read 'many' as int: give a whole number"):
+        load_yaml(GenerateConfig, path)
+    with pytest.raises(TideError, match="is a directory: pass a YAML file"):
+        load_yaml(GenerateConfig, tmp_path)

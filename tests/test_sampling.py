@@ -99,3 +99,104 @@ def test_window_outside_the_schedule_and_bad_conditions_are_refused(tiny_dit):
         sample(tiny_dit, [0, 1], seeds=[1], config=cfg)
     with pytest.raises(TideError, match="branch"):
         Intervention("blocks.0.hook_resid_post", lambda a, hook: None, branch="positive")
+
+
+# ------------------------------------------------------------------------------------------ the `tide sample` grid
+def _grid_config(tmp_path, **kw):
+    from tide.sampling import GenerateConfig
+
+    return GenerateConfig(**{"classes": [0, 1], "n": 2, "num_steps": 2, "device": "cpu", "out": str(tmp_path / "g.png"),
+                             **kw})
+
+
+def test_generate_grid_replaces_an_existing_grid_only_with_overwrite(tiny_dit, tmp_path):
+    from tide.sampling import generate_grid
+
+    out = tmp_path / "g.png"
+    out.write_bytes(b"old")
+    with pytest.raises(TideError, match="already exists: pass --overwrite"):
+        generate_grid(_grid_config(tmp_path), tiny_dit.cpu(), progress=False)
+    assert out.read_bytes() == b"old"
+    _, path = generate_grid(_grid_config(tmp_path, overwrite=True), tiny_dit.cpu(), progress=False)
+    assert path == out and out.read_bytes().startswith(b"\x89PNG")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.png"]  # no temporary file left beside it
+
+
+def test_a_failed_grid_write_leaves_the_old_file_and_no_temporary(tiny_dit, tmp_path, monkeypatch):
+    import tide.images
+    from tide.sampling import generate_grid
+
+    out = tmp_path / "g.png"
+    out.write_bytes(b"old")
+
+    def half_written(images, path, **kwargs):
+        path.write_bytes(b"\x89PNG half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tide.images, "save_grid", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        generate_grid(_grid_config(tmp_path, overwrite=True), tiny_dit.cpu(), progress=False)
+    assert out.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["g.png"]
+
+
+def test_generate_grid_refuses_the_null_condition_as_a_row(tiny_dit, tmp_path):
+    from tide.sampling import generate_grid
+
+    with pytest.raises(TideError, match=r"unknown class id\(s\) \[-1\].*null condition"):
+        generate_grid(_grid_config(tmp_path, classes=[0, -1]), tiny_dit.cpu(), progress=False)
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_the_memory_estimate_refuses_by_memavailable_and_passes_what_fits(tiny_dit, tmp_path, monkeypatch):
+    import tide.memory
+    from tide.sampling import generate_grid
+
+    def available(kib):
+        (tmp_path / "meminfo").write_text(f"MemTotal: {2 * kib} kB\nMemAvailable:   {kib} kB\n")
+
+    monkeypatch.setattr(tide.memory, "MEMINFO", tmp_path / "meminfo")
+    monkeypatch.setattr(tide.memory, "CGROUP_MEMORY", tmp_path / "no-cgroup")
+    need = tide.memory.sample_output_bytes(tiny_dit, 4, grid=True) + tide.memory.batch_bytes(tiny_dit, 4, None)
+    available(need // 1024 - 1)
+    with pytest.raises(TideError, match=r"--n 2 for 2 --classes rows \(4 samples\) needs about .* lower --n"):
+        generate_grid(_grid_config(tmp_path), tiny_dit.cpu(), progress=False)
+    available(need // 1024 + 1)
+    generate_grid(_grid_config(tmp_path), tiny_dit.cpu(), progress=False)
+    assert (tmp_path / "g.png").exists()
+
+
+def test_the_memory_estimate_is_above_a_measured_peak_and_scales_with_the_request(tiny_dit):
+    import tide.memory
+
+    # measured on the CPU (tide/memory.py): the embedded 28x28 models' grid took ~1.6 MB per sample, a 49-token
+    # d_model-128 batch ~320 KB per model row; the estimate stays above both
+    per_sample = tide.memory.sample_output_bytes(tiny_dit, 1, grid=True)
+    assert tide.memory.sample_output_bytes(tiny_dit, 1000, grid=True) == 1000 * per_sample
+    assert tide.memory.grid_pixels(tiny_dit) * tide.memory.GRID_BYTES_PER_PIXEL >= 1.2 * 122 * (8 * 14 + 2) ** 2
+    rows = tide.memory.batch_bytes(tiny_dit, 10, 4.0, decode=False)  # CFG: 20 rows
+    assert rows == 2 * tide.memory.batch_bytes(tiny_dit, 10, 1.0, decode=False)
+    assert rows / 20 >= 16 * 16 * 4 * 16  # > 16x tokens x d_model x float32 per row
+    assert tide.memory.human_bytes(312 * 2**30) == "312 GiB" and tide.memory.human_bytes(3 * 2**20) == "3.0 MiB"
+
+
+def test_on_a_gpu_the_batch_is_checked_against_its_memory_and_the_outputs_against_the_host(tiny_dit, monkeypatch):
+    import tide.memory
+
+    monkeypatch.setattr(tide.memory, "available_device_bytes", lambda device: 1 << 20)  # a 1 MiB "GPU"
+    monkeypatch.setattr(tide.memory, "available_host_bytes", lambda: 1 << 40)
+    with pytest.raises(TideError, match=r"--batch-size 5000 needs about .* of GPU memory \(estimate\) but 1\.0 MiB are "
+                                        r"available: lower --batch-size"):
+        tide.memory.check_sample(tiny_dit, 5000, 1, 5000, 4.0)
+    tide.memory.check_sample(tiny_dit, 5000, 1, 10, 4.0)  # small batches fit the GPU; the outputs live on the host
+    monkeypatch.setattr(tide.memory, "available_host_bytes", lambda: 1 << 20)
+    with pytest.raises(TideError, match=r"--n 5000 needs about .* of memory \(estimate\) but 1\.0 MiB are available"):
+        tide.memory.check_sample(tiny_dit, 5000, 1, 10, 4.0)
+
+
+def test_generate_grid_creates_a_missing_folder(tiny_dit, tmp_path):
+    from tide.sampling import generate_grid
+
+    cfg = _grid_config(tmp_path)
+    cfg.out = str(tmp_path / "new" / "deeper" / "g.png")
+    _, path = generate_grid(cfg, tiny_dit.cpu(), progress=False)
+    assert path.read_bytes().startswith(b"\x89PNG") and sorted(p.name for p in path.parent.iterdir()) == ["g.png"]

@@ -166,6 +166,13 @@ def _steer(config) -> int:
     return 0
 
 
+def _export(config) -> int:
+    result = config.run()
+    print(f"exported {len(result.dirs)} {config.format} SAEs (t = {', '.join(f'{t:g}' for t in result.timesteps)}) "
+          f"-> {result.path}")
+    return 0
+
+
 def _demo(config) -> int:
     from tide.demo import run_demo
 
@@ -193,14 +200,54 @@ def commands() -> list[Command]:
                 "tide.analysis.steering_profile:ProfileConfig", _profile),
         Command("steer", "steer generations toward / away from a condition, or edit named SAE features; before/after grid",
                 "tide.analysis.steering:SteerConfig", _steer),
+        Command("export", "write an SAE folded at chosen timesteps as plain SAEs for SAELens (5, 6) or sparsify",
+                "tide.sae.export:ExportConfig", _export),
         Command("demo", "run the whole pipeline end to end on the embedded model", "tide.demo:DemoConfig", _demo),
     ]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, ``tide VERB: error: ...`` with a pointer to ``--help``, and exit status 2
+    (instead of the usage block and the message); ``--help`` is unchanged. Subparsers inherit the class. Flags are
+    never abbreviated: ``--overwrit`` is an unknown flag, not ``--overwrite`` (nor ``--n`` ``--num-steps``)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        message = " ".join(str(message).split())
+        if message.startswith("the following arguments are required: COMMAND"):
+            message = "give a command (tide --help lists them)"
+        elif message.startswith("the following arguments are required: ACTION"):
+            message = f"give an action: info or verify (see {self.prog} --help)"
+        else:
+            message += f" (see {self.prog} --help)"
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def flag_names(self) -> list[str]:
+        return [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+
+
+def _unknown_flags(parser: Parser, extra: list[str]) -> None:
+    """Refuse arguments no flag took, in one line, suggesting the nearest flag names."""
+    import difflib
+
+    flags = [a.split("=", 1)[0] for a in extra if a.startswith("-")]
+    known = parser.flag_names()
+    hints = {f: difflib.get_close_matches(f, known, n=1, cutoff=0.75) for f in flags}
+    if flags:
+        near = "; ".join(f"did you mean {hint[0]} for {f}?" for f, hint in hints.items() if hint)
+        parser.error(f"unknown flag{'s' if len(flags) > 1 else ''} {' '.join(flags)}" + (f" ({near})" if near else ""))
+    parser.error(f"unexpected argument{'s' if len(extra) > 1 else ''} {' '.join(map(repr, extra))}: every value "
+                 "follows its --flag")
+
+
 def build_parser(argv: Sequence[str] | None = None) -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     """The parser and the command table. Only the command named in ``argv`` gets its flags (and imports its
-    config); with ``argv`` None every command does."""
-    parser = argparse.ArgumentParser(prog="tide", description="Interpret diffusion transformers with timestep-aware sparse autoencoders.")
+    config); with ``argv`` None every command does. Each command's parser is ``parser.command_parsers[name]``."""
+    parser = Parser(prog="tide", description="Interpret diffusion transformers with timestep-aware sparse autoencoders.")
+    parser.command_parsers = {}
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     table = {}
     chosen = None if argv is None else next((a for a in argv if not a.startswith("-")), "")
@@ -210,6 +257,7 @@ def build_parser(argv: Sequence[str] | None = None) -> tuple[argparse.ArgumentPa
         if chosen is None or chosen == cmd.name:
             add_arguments(p, cmd.config_cls)
         table[cmd.name] = cmd
+        parser.command_parsers[cmd.name] = p
     data = sub.add_parser("data", help="inspect captured datasets: info, verify").add_subparsers(
         dest="action", metavar="ACTION", required=True)
     for action, help_ in (("info", "summarise a dataset"), ("verify", "check schema, row counts, checksums, NaN/inf")):
@@ -222,19 +270,34 @@ def build_parser(argv: Sequence[str] | None = None) -> tuple[argparse.ArgumentPa
             p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=None,
                            help="scan every activation for NaN/inf (default: on)")
         table[f"data {action}"] = Command(f"data {action}", help_, DataConfig, _data(action))
+        parser.command_parsers[f"data {action}"] = p
     return parser, table
+
+
+def _one_line(exc: BaseException) -> str:
+    """An OS error (unreadable or unwritable file, full disk) as one line naming the file."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror}: check the path and its permissions"
+    return " ".join(str(exc).split())
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser, table = build_parser(argv)
-    args = parser.parse_args(argv)
-    cmd = table[args.command if args.command != "data" else f"data {args.action}"]
+    args, extra = parser.parse_known_args(argv)
+    name = args.command if args.command != "data" else f"data {args.action}"
+    cmd = table[name]
+    if extra:
+        _unknown_flags(parser.command_parsers[name], extra)
     try:
         config = from_args(cmd.config_cls, args, args.config)
         return cmd.run(config)
     except TideError as exc:
-        print(f"tide {cmd.name}: error: {exc}", file=sys.stderr)
+        print(f"tide {cmd.name}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # what no up-front check caught (a disk filling up, a file vanishing): still one line
+        print(f"tide {cmd.name}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"tide {cmd.name}: interrupted", file=sys.stderr)

@@ -60,6 +60,9 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+_EXAMPLES = {int: "a whole number (e.g. 4)", float: "a number (e.g. 0.5)", bool: "true or false"}
+
+
 def _coerce(value: Any, tp: Any, name: str) -> Any:
     inner, optional = _base_type(tp)
     if value is None:
@@ -96,7 +99,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
                 raise TideError(f"config field {name!r} must be one of {', '.join(map(repr, choices))}, got {value!r}")
             return value
     except (TypeError, ValueError):
-        raise TideError(f"config field {name!r}: cannot read {value!r} as {getattr(inner, '__name__', inner)}") from None
+        raise TideError(f"config field {name!r}: cannot read {value!r} as {getattr(inner, '__name__', inner)}: "
+                        f"give {_EXAMPLES.get(inner, 'a value of that type')}") from None
     return value
 
 
@@ -124,17 +128,51 @@ def to_dict(config: Any) -> dict:
     return plain(config)
 
 
+def _yaml_error(path: Path, exc: yaml.YAMLError) -> TideError:
+    """PyYAML's several-line report as one line: file:line:column, the problem, and where to fix it."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or str(exc)
+    context = getattr(exc, "context", None)
+    if context and context != problem:
+        problem = f"{problem} ({context})"
+    return TideError(f"{where}: not valid YAML: {' '.join(str(problem).split())}; fix the file there")
+
+
 def load_yaml(cls: type[T], path: str | Path) -> T:
+    """A config dataclass from a YAML mapping of its field names; every problem is one line naming the file."""
+    import difflib
+
     path = Path(path)
+    if path.is_dir():
+        raise TideError(f"config file {path} is a directory: pass a YAML file to --config")
     if not path.is_file():
-        raise TideError(f"config file {path} does not exist")
+        raise TideError(f"config file {path} does not exist: check the path given to --config")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TideError(f"cannot read config file {path} ({getattr(exc, 'strerror', None) or exc}): "
+                        "pass a readable UTF-8 YAML file") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise TideError(f"config file {path} is not valid YAML: {exc}") from None
+        raise _yaml_error(path, exc) from None
+    data = {} if data is None else data
     if not isinstance(data, dict):
-        raise TideError(f"config file {path} must hold a mapping of keys to values")
-    return from_dict(cls, data)
+        raise TideError(f"config file {path} must hold a mapping of keys to values (`key: value` lines), "
+                        f"not a {type(data).__name__}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        near = [difflib.get_close_matches(str(k).replace("-", "_"), names, n=1, cutoff=0.75) for k in unknown]
+        hints = "; ".join(f"did you mean {m[0]!r} for {k!r}?" for k, m in zip(unknown, near) if m)
+        raise TideError(f"config file {path}: unknown key{'s' if len(unknown) > 1 else ''} "
+                        f"{', '.join(repr(k) for k in unknown)}{f' ({hints})' if hints else ''}; "
+                        f"valid keys: {', '.join(names)}")
+    try:
+        return from_dict(cls, data)
+    except TideError as exc:
+        raise TideError(f"config file {path}: {exc}") from None
 
 
 def save_yaml(config: Any, path: str | Path) -> None:
@@ -191,11 +229,15 @@ def resolve_backbone_path(spec: str | Path) -> Path:
             raise TideError(f"embedded model {spec!r} is missing its weights at {path}: "
                             f"reinstall tide or run {TRAINING_SCRIPTS.get(str(spec), 'its training script')}")
         return path
+    if not str(spec).strip():
+        raise TideError(f"no backbone named (an empty --backbone): give an embedded model ({', '.join(sorted(EMBEDDED))}) "
+                        "or the path of a local diffusers pipeline or transformer directory")
     path = Path(spec).expanduser()
     if not path.exists():
-        raise TideError(f"no embedded model or checkpoint directory named {str(spec)!r}: embedded "
-                        f"models are {sorted(EMBEDDED)}; otherwise pass the path of a local diffusers "
-                        "pipeline directory (with model_index.json) or transformer directory (with config.json)")
+        raise TideError(f"no embedded model or checkpoint directory named {str(spec)!r} was found locally, and tide "
+                        f"never downloads models: give an embedded model ({', '.join(sorted(EMBEDDED))}) or the path "
+                        "of a local diffusers pipeline directory (with model_index.json) or transformer directory "
+                        "(with config.json)")
     if not path.is_dir():
         raise TideError(f"{path} is a file: pass the checkpoint *directory* (with model_index.json "
                         "or config.json)")

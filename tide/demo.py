@@ -22,6 +22,7 @@ import torch
 
 from tide.config import BackboneConfig, GenerationConfig, save_yaml, to_dict
 from tide.errors import TideError
+from tide.io import atomic_write_bytes, check_writable_dir, staged_outputs
 from tide.sampling import SamplerConfig
 
 
@@ -54,25 +55,65 @@ class DemoConfig(GenerationConfig, BackboneConfig):
     """Features of the TIDE SAE shown in the demo dashboard (the most frequent ones)."""
     steer_samples: int = 8
     """Null-condition generations steered toward each class in the demo's steering grid."""
+    steer_strength: float = 0.5
+    """Strength of the demo's feature patch. The demo's small, briefly trained SAE overshoots at 1 (over-bright
+    images): on seeds 70000.. (8 per class) the classifier said the target in 81% at 0.5, 79% at 0.75 and 66% at 1;
+    the full-size SAE of configs/steering.yaml does best at 1 (experiments/results/steering_bench.md)."""
+    overwrite: bool = False
+    """Run into an --out that already holds a demo, replacing its artefacts."""
+
+    def validate(self) -> "DemoConfig":
+        """Refuse (one line) sizes that cannot run; called before anything is loaded or written."""
+        for name in ("num_steps", "n_per_class", "capture_samples", "train_steps", "d_sae", "k", "dashboard_features",
+                     "steer_samples"):
+            if getattr(self, name) < 1:
+                raise TideError(f"{name} must be >= 1, got {getattr(self, name)}: pass --{name.replace('_', '-')} 1 "
+                                "or more")
+        if self.splice_samples < 0:
+            raise TideError(f"splice_samples must be >= 0, got {self.splice_samples}: pass --splice-samples 0 or more")
+        if self.k > self.d_sae:
+            raise TideError(f"k ({self.k}) must not exceed d_sae ({self.d_sae}): lower --k or raise --d-sae")
+        return self
+
+    def check_out(self) -> Path:
+        """The run directory, refused (one line) when it is a file, cannot be written, or already holds a demo's
+        artefacts without ``overwrite``; creates nothing."""
+        out = check_writable_dir(self.out)
+        found = [name for name in DEMO_ARTEFACTS if (out / name).exists() or (out / name).is_symlink()]
+        if found and not self.overwrite:
+            raise TideError(f"{out} already holds a demo ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}): "
+                            "pass --overwrite to replace it, or choose another --out")
+        return out
+
+
+DEMO_ARTEFACTS = ("demo_config.yaml", "hooks.json", "samples.png", "activations", "sae", "eval", "feature_stats.h5",
+                  "dashboard", "steering.png", "summary.json")
+"""What `tide demo` writes under its run directory."""
 
 
 def run_demo(config: DemoConfig) -> dict:
     from tide.hooks import HookedBackbone
     from tide.sampling import GenerateConfig, generate_grid
 
-    out = Path(config.out)
+    # validate everything before the first file is written
+    config.validate()
+    out = config.check_out()
+    backbone = config.load_backbone()
+    hooked = HookedBackbone.of(backbone)
+    if config.capture_hooks:
+        hooked.check_hook_names(config.capture_hooks)
+    shapes = hooked.hook_shapes()
+
     out.mkdir(parents=True, exist_ok=True)
-    save_yaml(config, out / "demo_config.yaml")
+    with staged_outputs() as stage:
+        save_yaml(config, stage(out / "demo_config.yaml"))
+        stage(out / "hooks.json").write_text(json.dumps({k: list(v) for k, v in shapes.items()}, indent=1))
     artefacts: dict[str, str] = {"config": str(out / "demo_config.yaml")}
     summary: dict = {"machine": {"platform": platform.platform(), "torch": torch.__version__,
                                  "threads": torch.get_num_threads()}}
 
     # 1. backbone + hooks
-    backbone = config.load_backbone()
-    hooked = HookedBackbone.of(backbone)
     summary["backbone"] = backbone.describe()
-    shapes = hooked.hook_shapes()
-    (out / "hooks.json").write_text(json.dumps({k: list(v) for k, v in shapes.items()}, indent=1))
     artefacts["hooks"] = str(out / "hooks.json")
     print(f"[demo] backbone {backbone.name}: {len(hooked.block_specs)} blocks, {len(shapes)} hooks "
           f"-> {out / 'hooks.json'}")
@@ -80,7 +121,8 @@ def run_demo(config: DemoConfig) -> dict:
     # 2. samples
     gen = GenerateConfig(backbone=config.backbone, device=config.device, dtype=config.dtype, n=config.n_per_class, seed=config.seed,
                          num_steps=config.num_steps, guidance_scale=config.guidance_scale,
-                         out=str(out / "samples.png"))
+                         out=str(out / "samples.png"),
+                         **({"overwrite": True} if "overwrite" in GenerateConfig.__dataclass_fields__ else {}))
     start = time.perf_counter()
     samples, grid = generate_grid(gen, backbone)
     seconds = time.perf_counter() - start
@@ -149,7 +191,8 @@ def run_demo(config: DemoConfig) -> dict:
     summary["eval"] = {}
     for spec in specs:
         result = evaluate(EvalConfig(sae=str(out / "sae" / spec.name), data=cap.out, out=str(out / "eval" / spec.name),
-                                     splice_samples=config.splice_samples, device=config.device, seed=config.seed),
+                                     splice_samples=config.splice_samples, device=config.device, seed=config.seed,
+                                     overwrite=True),  # the run directory was checked above
                           backbone=backbone, progress=False)
         rec = result.report["reconstruction"]["overall"]
         summary["eval"][spec.name] = result.report
@@ -179,7 +222,8 @@ def run_demo(config: DemoConfig) -> dict:
           f"-> {stats_path}")
     dashboard = export_dashboard(DashboardConfig(stats=str(stats_path), out=str(out / "dashboard"),
                                                  max_features=config.dashboard_features, images_per_feature=3,
-                                                 device=config.device, progress=False), backbone=backbone)
+                                                 device=config.device, progress=False, overwrite=True),
+                                 backbone=backbone)
     artefacts["dashboard"] = str(dashboard.index_path)
     print(f"[demo] dashboard of {dashboard.num_features} features -> open {dashboard.index_path}")
 
@@ -200,7 +244,8 @@ def run_demo(config: DemoConfig) -> dict:
     seeds = [config.seed + 1000 + i for i in range(steer_n)]
     before = sample(backbone, [NULL_CONDITION] * steer_n, seeds, steer_cfg)
     patched = sample_patched(backbone, sae, [NULL_CONDITION] * (steer_n * len(classes)),
-                             [b for b in classes for _ in seeds], seeds * len(classes), steer_cfg).images
+                             [b for b in classes for _ in seeds], seeds * len(classes), steer_cfg,
+                             strength=config.steer_strength).images
     afters = list(patched.split(steer_n))
     seconds = time.perf_counter() - start
     names = backbone.condition_names
@@ -217,7 +262,8 @@ def run_demo(config: DemoConfig) -> dict:
     grid = save_grid(torch.cat(rows), out / "steering.png", nrow=len(classes),
                      row_labels=[lab for i in range(shown) for lab in (f"null #{i}", "steered")], title=title)
     summary["steering"] = {"recipe": "feature patch (tide.analysis.feature_patch), null condition -> each class",
-                           "sae": str(out / "sae" / steer_spec.name), "samples_per_class": steer_n,
+                           "sae": str(out / "sae" / steer_spec.name), "strength": config.steer_strength,
+                           "samples_per_class": steer_n,
                            "seconds": round(seconds, 1), "success": rate, "success_per_class": per_class}
     artefacts["steering"] = str(grid)
     if rate is not None:
@@ -227,6 +273,6 @@ def run_demo(config: DemoConfig) -> dict:
         print(f"[demo] steering null-condition generations toward each class -> {grid}")
 
     summary["artefacts"] = artefacts
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=1, default=str).encode())
     artefacts["summary"] = str(out / "summary.json")
     return summary

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
@@ -272,21 +273,59 @@ class GenerateConfig(SamplerConfig, BackboneConfig):
     n: int = 8
     """Samples per condition (grid columns); sample j of row r uses seed + r*n + j."""
     out: str = "grid.png"
-    """Where to write the PNG grid."""
+    """Where to write the PNG grid (missing folders are created)."""
+    overwrite: bool = False
+    """Replace an existing --out file (otherwise an existing file is refused and left as it is)."""
+
+    def check_output(self) -> Path:
+        """The --out path, refused in one line (before any model is loaded) when it is not a .png name, exists
+        (without --overwrite), is a directory, or lies where no folder can be created or written."""
+        out = Path(self.out)
+        if not str(self.out).strip() or out.suffix.lower() != ".png":
+            raise TideError(f"--out {self.out!r} is not a .png file name: tide sample writes a PNG grid; give e.g. "
+                            "--out grid.png")
+        if out.is_dir():
+            raise TideError(f"--out {out} is a directory: give a .png file name inside it")
+        if (out.exists() or out.is_symlink()) and not self.overwrite:
+            raise TideError(f"--out {out} already exists: pass --overwrite to replace it, or choose another --out")
+        from tide.io import check_writable_dir
+
+        check_writable_dir(out.parent, "--out", target=out)  # a missing folder is created when the grid is written
+        return out
 
 
 def generate_grid(config: GenerateConfig, backbone: Backbone | None = None, progress: bool = True):
-    """Sample ``n`` images per condition and write a labelled grid; returns (SampleOutput, path)."""
-    from tide.images import save_grid
+    """Sample ``n`` images per condition and write a labelled grid; returns (SampleOutput, path).
 
-    backbone = backbone or config.load_backbone()
-    classes = list(range(backbone.num_conditions)) if config.classes is None else list(config.classes)
+    Refused up front, in one line and before anything is written: a bad --out (see
+    :meth:`GenerateConfig.check_output`), an --n below 1, a class id the backbone does not know (the null condition
+    included: every grid row is a condition), and a request whose estimated memory exceeds what is available
+    (:func:`tide.memory.check_sample`). The grid is written through a temporary file in the same folder, renamed
+    into place when complete."""
+    from tide.memory import check_sample
+
     if config.n < 1:
-        raise TideError(f"n must be >= 1, got {config.n}")
+        raise TideError(f"--n must be >= 1, got {config.n}")
+    out_path = config.check_output()
+    backbone = backbone or config.load_backbone()
+    classes = list(range(backbone.num_conditions)) if config.classes is None else [int(c) for c in config.classes]
+    if not classes:
+        raise TideError("--classes is empty: give at least one condition id, or leave it out for all")
+    backbone.check_conditions(classes, allow_null=False)
+    check_sample(backbone, config.n, len(classes), config.batch_size, config.guidance_scale)
     conds = [c for c in classes for _ in range(config.n)]
     seeds = [config.seed + i for i in range(len(conds))]
-    backbone.check_conditions(conds)
     out = sample(backbone, conds, seeds, config, progress=progress)
     names = backbone.condition_names
-    path = save_grid(out.images, config.out, nrow=config.n, row_labels=[names[c][:24] for c in classes])
-    return out, path
+    return out, _write_grid(out.images, out_path, config.n, [names[c][:24] for c in classes])
+
+
+def _write_grid(images: torch.Tensor, path: Path, nrow: int, labels: list[str]) -> Path:
+    """``save_grid`` through a temporary ``.png`` beside ``path`` (:func:`tide.io.staged_outputs`), renamed over it
+    when complete: a failed write leaves the old file (or none) and no partial one."""
+    from tide.images import save_grid
+    from tide.io import staged_outputs
+
+    with staged_outputs() as stage:
+        save_grid(images, stage(path), nrow=nrow, row_labels=labels)
+    return path

@@ -114,6 +114,36 @@ def test_dashboard_pages_json_escaping_and_regeneration(analysed, tmp_path):
     assert set(regen.acts) == {(o.sample_id, o.step) for o in occ}
 
 
+BIDI = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+
+
+def test_bidi_controls_are_shown_as_visible_escapes():
+    from tide.analysis.dashboard_html import BIDI_CONTROLS, E
+
+    assert set(BIDI_CONTROLS) == set(BIDI)
+    for c in BIDI:
+        shown = E(f"ab{c}cd<")
+        assert c not in shown and shown == f"ab\\u{ord(c):04x}cd&lt;"
+    assert E("Sneaker · ünïcode 日本") == "Sneaker · ünïcode 日本"  # other text untouched
+
+
+def test_a_right_to_left_override_in_a_label_cannot_reorder_the_pages(analysed, tmp_path):
+    stats = analysed.stats
+    features = [int(f) for f in np.argsort(-stats.frequency)[:2]]
+    labels = tmp_path / "labels.json"
+    rlo = "sole \u202eelbuod\u202c \u2067x\u2069 end"
+    labels.write_text(json.dumps({str(features[0]): rlo}))
+    out = tmp_path / "dash"
+    export_dashboard(DashboardConfig(stats=str(analysed.stats_path), out=str(out), features=features,
+                                     images_per_feature=0, labels=str(labels), device="cpu", progress=False))
+    for page in [out / "index.html", *(out / "features").glob("f*.html")]:
+        text = page.read_text(encoding="utf-8")
+        assert not set(BIDI) & set(text), f"{page.name} holds a raw bidi control"
+    shown = "sole \\u202eelbuod\\u202c \\u2067x\\u2069 end"
+    assert shown in (out / "index.html").read_text() and shown in (out / "features" / f"f{features[0]}.html").read_text()
+    assert json.loads((out / "dashboard.json").read_text())["features"][0]["label"] == rlo  # the data keeps it
+
+
 def test_json_in_html_cannot_close_a_script():
     text = json_for_html({"label": "</script><script>alert(1)</script>&"})
     assert "</" not in text and "<" not in text and ">" not in text and "&" not in text

@@ -22,6 +22,8 @@ from tide.sae import SAE, SAEConfig, save_sae
 
 HOOK = "blocks.1.hook_resid_post"
 XSS = "<script>alert(1)</script>"
+RLO = "abc \u202edef\u202c ghi"
+"""A label with a right-to-left override: shown with the override as a visible escape, the text after it in order."""
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
@@ -40,7 +42,7 @@ def site(tmp_path_factory):
     stats = compute_feature_stats(save_sae(sae, root / "sae"), root / "ds", device="cpu", progress=False)
     stats_path = save_feature_stats(stats, root / "feature_stats.h5")
     features = [int(f) for f in np.argsort(-stats.frequency)[:4]]
-    (root / "labels.json").write_text(json.dumps({str(features[0]): XSS}))
+    (root / "labels.json").write_text(json.dumps({str(features[0]): XSS, str(features[1]): RLO}))
     index = export_dashboard(DashboardConfig(stats=str(stats_path), out=str(root / "dash"), features=features,
                                              images_per_feature=1, labels=str(root / "labels.json"), device="cpu",
                                              progress=False)).index_path
@@ -78,7 +80,9 @@ def test_index_loads_without_errors_sorts_filters_and_shows_a_script_label_as_te
     assert _not_blank(browser)
     with pytest.raises(NoAlertPresentException):
         browser.switch_to.alert.text
-    assert XSS in browser.find_element(By.TAG_NAME, "body").text  # shown as text, not run
+    body = browser.find_element(By.TAG_NAME, "body").text
+    assert XSS in body  # shown as text, not run
+    assert "abc \\u202edef\\u202c ghi" in body and "\u202e" not in body  # the override shown, not obeyed
     rows = lambda: browser.find_elements(By.CSS_SELECTOR, "#features tbody tr")  # noqa: E731
     first_col = lambda: [float(r.find_elements(By.TAG_NAME, "td")[0].text.lstrip("f")) for r in rows()]  # noqa: E731
     header = browser.find_elements(By.CSS_SELECTOR, "#features thead th")[0]

@@ -240,11 +240,16 @@ def test_steer_command_writes_a_grid_and_names_bad_input(tiny_dit_dir, tmp_path,
             "--num-steps", "4", "--device", "cpu", "--out", str(tmp_path / "steer.png")]
     assert main(args + ["--features", "3,5", "--alpha", "2", "--mask", "upper"]) == 0
     assert (tmp_path / "steer.png").exists() and (tmp_path / "steer.json").exists()
+    written = {p.name: p.read_bytes() for p in tmp_path.glob("steer.*")}
+    assert main(args + ["--features", "3"]) == 2  # the outputs exist: refused without --overwrite
+    assert "already exists: pass --overwrite" in capsys.readouterr().err
+    args.append("--overwrite")
     assert main(args + ["--features", "99"]) == 2
     assert main(args + ["--features", "3", "--mask", "middle"]) == 2
     assert main(args + ["--features", "3", "--from-step", "6"]) == 2
     err = capsys.readouterr().err
     assert "0..31" in err and "unknown mask region 'middle'" in err and "outside the 4-step schedule" in err
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("steer.*")} == written  # refusals leave the old outputs
     (tmp_path / "steer.png").unlink()
     assert main(args + ["--features", "3", "--scale", "norm"]) == 2
     assert main(args + ["--features", "3", "--branch", "sideways"]) == 2
@@ -252,6 +257,7 @@ def test_steer_command_writes_a_grid_and_names_bad_input(tiny_dit_dir, tmp_path,
     err = capsys.readouterr().err
     assert "--scale norm needs the SAE's feature statistics for R(t): pass --stats" in err and "sideways" in err
     assert main(args + ["--features", "3,5", "--alpha", "2", "--branch", "cfg", "--gate"]) == 0
+    assert not list(tmp_path.glob("*.tmp*"))
     assert json.loads((tmp_path / "steer.json").read_text())["config"]["branch"] == "cfg"
 
 

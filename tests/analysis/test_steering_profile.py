@@ -243,6 +243,9 @@ def test_cli_profile_and_steer_toward(tiny_dit_dir, tmp_path, capsys):
         assert np.abs(got["after"] - got["before"]).max() > 0
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["config"]["toward"] == "1" and summary["config"]["branch"] is None
+    assert main(steer + ["--remove", "2", "--classes", "2,1"]) == 2  # s.png and s.json exist
+    assert "already exists: pass --overwrite" in capsys.readouterr().err
+    steer.insert(1, "--overwrite")
     assert main(steer + ["--remove", "2", "--classes", "2,1"]) == 0
     assert main(steer + ["--toward", "1", "--unconditional"]) == 0
     assert not list(tmp_path.glob("*.tmp*"))

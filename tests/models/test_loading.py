@@ -108,3 +108,103 @@ def test_a_prompt_file_whose_tensors_do_not_fit_together_is_one_line(change, mes
     err = _cli_error(["hooks", "--backbone", str(ckpt.path), "--prompts", str(bad), "--device", "cpu"], capsys)
     assert "prompt" in err and "Traceback" not in err
     assert (ckpt.path / PROMPTS_FILE).exists()  # the checkpoint's own prompt file is untouched
+
+
+# ------------------------------------------------------------------------------------------ the checks before loading
+def _tiny_transformer_dir(path):
+    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, num_layers=1,
+                                  sample_size=8, patch_size=2, num_embeds_ada_norm=2)
+    model.save_pretrained(path)
+    return path / "diffusion_pytorch_model.safetensors"
+
+
+def test_check_safetensors_reads_only_the_header_and_names_each_damage(tmp_path):
+    from tide.models.loading import check_safetensors
+
+    good = _tiny_transformer_dir(tmp_path / "m")
+    check_safetensors(good)  # a real file passes
+    data = good.read_bytes()
+    cases = {
+        b"": r"not a safetensors file \(empty\)",
+        b"\x00" * 3: r"no valid safetensors header",
+        (10**9).to_bytes(8, "little") + b"{}": r"no valid safetensors header",  # header longer than the file
+        (8).to_bytes(8, "little") + b"not json": r"its header is not JSON",
+        (2).to_bytes(8, "little") + b"[]": r"its header is not a JSON object",
+        (13).to_bytes(8, "little") + b'{"w": {"a": 1}}'[:13]: r"header is not JSON|lists no tensor offsets",
+        data[: len(data) - 10]: r"is truncated \(\d+ bytes; its header needs \d+\)",
+    }
+    for i, (content, message) in enumerate(cases.items()):
+        bad = tmp_path / f"bad{i}.safetensors"
+        bad.write_bytes(content)
+        with pytest.raises(TideError, match=message):
+            check_safetensors(bad)
+
+
+def test_check_weights_prefers_safetensors_refuses_pickles_and_checks_shards(tmp_path):
+    from tide.models.loading import check_weights
+
+    weights = _tiny_transformer_dir(tmp_path / "m")
+    (tmp_path / "m" / "stale.bin").write_bytes(b"pickle")
+    check_weights(tmp_path / "m", "transformer")  # safetensors present: a stray .bin is never looked at
+    weights.unlink()
+    with pytest.raises(TideError, match=r"pickled \(stale\.bin\) and tide never unpickles"):
+        check_weights(tmp_path / "m", "transformer")
+    (tmp_path / "m" / "stale.bin").unlink()
+    with pytest.raises(TideError, match=r"holds no transformer weights .*found: config\.json"):
+        check_weights(tmp_path / "m", "transformer")
+    index = tmp_path / "m" / "diffusion_pytorch_model.safetensors.index.json"
+    for weight_map, message in [({}, "no weight_map"), ({"a": "../../etc/passwd"}, "outside"),
+                                ({"a": "shard-1.safetensors"}, r"shard\(s\) \['shard-1\.safetensors'\] .* missing")]:
+        index.write_text(json.dumps({"weight_map": weight_map}))
+        with pytest.raises(TideError, match=message):
+            check_weights(tmp_path / "m", "transformer")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{", "is not valid JSON"), ("[]", "holds a JSON list, not an object"), ("3", "holds a JSON int"),
+    (b"\xff\xfe", "is not valid JSON"),
+])
+def test_read_json_wants_an_object(content, message, tmp_path):
+    from tide.models.loading import _read_json
+
+    path = tmp_path / "config.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(TideError, match=message):
+        _read_json(path)
+    with pytest.raises(TideError, match="is missing: the checkpoint directory is incomplete"):
+        _read_json(tmp_path / "nothing.json")
+
+
+def test_a_pipeline_loads_the_same_after_the_checks(tiny_dit_dir):
+    backbone = load_backbone(tiny_dit_dir, device="cpu")
+    assert backbone.family == "dit" and backbone.num_conditions == 4
+    assert type(backbone.scheduler).__name__ == "DDIMScheduler"
+
+
+@pytest.mark.parametrize("name, message", [
+    ("gpu0", "unknown device 'gpu0'"), ("cuda:x", "unknown device 'cuda:x'"), ("mps", "unknown device 'mps'"),
+    ("", "unknown device ''"), ("cuda:-1", "unknown device"), ("cpu0", "unknown device"),
+])
+def test_resolve_device_names_the_accepted_forms(name, message):
+    from tide.device import resolve_device
+
+    with pytest.raises(TideError, match=message + r".*use cpu, cuda, cuda:N \(N a GPU index\) or auto"):
+        resolve_device(name)
+
+
+def test_resolve_device_accepts_its_forms():
+    from tide.device import resolve_device
+
+    assert resolve_device("cpu") == resolve_device(" CPU ") == resolve_device(torch.device("cpu")) == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        assert resolve_device("cuda:0") == torch.device("cuda:0")
+    else:
+        with pytest.raises(TideError, match="no CUDA GPU is visible: use --device cpu"):
+            resolve_device("cuda:0")
+
+
+def test_load_backbone_refuses_a_bad_device_before_reading_the_checkpoint(tmp_path):
+    # the directory does not even exist: the device is the first thing checked
+    with pytest.raises(TideError, match="unknown device 'gpu0'"):
+        load_backbone(tmp_path / "nothing", device="gpu0")

@@ -1,6 +1,7 @@
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -209,3 +210,41 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(dataset, tm
         for key in ("W_enc", "W_dec", "b_dec"):
             diff = (a[name][key] - b[name][key]).norm() / a[name][key].norm()
             assert diff < 2e-2, (name, key, float(diff))
+
+
+# ------------------------------------------------------------------------------------ shard checksums
+def _flip_activation_byte(shard, hook):
+    """Flip the low bit of one stored activation: same size, still finite, a different SHA-256."""
+    import h5py
+
+    with h5py.File(shard, "r") as f:
+        offset = f["acts"][hook].id.get_offset() + 5
+    with open(shard, "r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)[0]
+        fh.seek(offset)
+        fh.write(bytes([byte ^ 0x01]))
+
+
+def _files(root):
+    return {str(p): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_training_refuses_a_shard_whose_bytes_changed_unless_verification_is_off(dataset, tmp_path, capsys):
+    from tide.cli import main
+
+    data = tmp_path / "ds"
+    shutil.copytree(dataset, data)
+    _flip_activation_byte(data / "shard-000002.h5", HOOKS[1])
+    before = _files(data)
+    cfg = _yaml(data, tmp_path / "run", tmp_path / "run.yaml", steps=6)
+    capsys.readouterr()
+    assert main(["train", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "shard shard-000002.h5 does not match its SHA-256 in the manifest" in err[0]
+    assert f"run `tide data verify {data}` for details" in err[0]
+    assert _files(data) == before and not (tmp_path / "run").exists()  # refused before statistics or the run dir
+
+    assert main(["train", "--config", str(cfg), "--no-verify-checksums"]) == 0
+    assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["steps"] == 6

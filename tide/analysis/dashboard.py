@@ -31,6 +31,7 @@ from tide.analysis.labels import auto_label, load_labels
 from tide.analysis.regenerate import (Occurrence, Regenerated, capture_sample, check_conditions, feature_heatmaps,
                                       needed_steps, regenerate, top_occurrences)
 from tide.errors import TideError
+from tide.io import building_dir, check_writable_dir
 from tide.plots import image_png_base64
 
 SCHEMA = "tide.dashboard"
@@ -70,10 +71,24 @@ class DashboardConfig:
     """Minimum displayed image size in pixels (small images are enlarged, nearest neighbour)."""
     progress: bool = True
     """Show progress bars."""
+    overwrite: bool = False
+    """Replace an existing dashboard at --out (the whole directory)."""
 
     def __post_init__(self):
         if self.max_features < 1 or self.images_per_feature < 0 or self.neighbours < 0 or self.batch_size < 1:
             raise TideError("max_features and batch_size must be >= 1; images_per_feature and neighbours >= 0")
+
+    def check_out(self) -> Path:
+        """The output directory, refused (one line) when it is a file, cannot be written, or is not empty without
+        ``overwrite`` (with it, unless it is a tide dashboard: --overwrite replaces the whole directory)."""
+        out = check_writable_dir(self.out)
+        if out.is_dir() and any(out.iterdir()):
+            if not self.overwrite:
+                raise TideError(f"{out} already exists: pass --overwrite to replace it, or choose another --out")
+            if not ((out / INDEX_FILE).is_file() or (out / JSON_FILE).is_file()):
+                raise TideError(f"refusing to --overwrite {out}: it is not a tide dashboard (no {INDEX_FILE} or "
+                                f"{JSON_FILE}) and would be deleted; choose another --out")
+        return out
 
 
 @dataclass(frozen=True)
@@ -239,6 +254,7 @@ def export_dashboard(config: DashboardConfig, backbone=None) -> DashboardResult:
     ``backbone`` may be passed already loaded (notebooks, the demo); otherwise the one named in the
     dataset's manifest (or ``config.backbone``) is loaded when there are images to regenerate.
     """
+    out = config.check_out()  # before anything is loaded
     stats, sae, sae_path, data_path, manifest = _load_inputs(config)
     F = stats.num_features
     labels = load_labels(config.labels, F) if config.labels else {}
@@ -274,12 +290,13 @@ def export_dashboard(config: DashboardConfig, backbone=None) -> DashboardResult:
             "num_features": F, "condition_names": names, "patch_grid": list(stats.patch_grid),
             "steps": [int(s) for s in stats.steps], "timesteps": [_num(t) for t in stats.timesteps]}
 
-    out = Path(config.out)
-    (out / FEATURES_DIR).mkdir(parents=True, exist_ok=True)
-    for r in records:
-        (out / r["page"]).write_text(feature_html(meta, r, pictures[r["id"]]), encoding="utf-8")
-    (out / INDEX_FILE).write_text(index_html(meta, records), encoding="utf-8")
-    (out / JSON_FILE).write_text(json.dumps({**meta, "features": records}, indent=1, sort_keys=True), encoding="utf-8")
+    with building_dir(out) as tmp:  # built beside --out and renamed into place: all or nothing
+        (tmp / FEATURES_DIR).mkdir()
+        for r in records:
+            (tmp / r["page"]).write_text(feature_html(meta, r, pictures[r["id"]]), encoding="utf-8")
+        (tmp / INDEX_FILE).write_text(index_html(meta, records), encoding="utf-8")
+        (tmp / JSON_FILE).write_text(json.dumps({**meta, "features": records}, indent=1, sort_keys=True),
+                                     encoding="utf-8")
     return DashboardResult(index_path=out / INDEX_FILE, json_path=out / JSON_FILE,
                            pages=tuple(out / r["page"] for r in records), features=tuple(features), sae_features=F,
                            num_images=sum(len(r["images"]) for r in records))

@@ -2,9 +2,11 @@
 sort/filter script, and the per-feature page.
 
 Pages open from ``file://`` with no server: images and plots come in as base64 PNGs, the script is
-inline, nothing is fetched from elsewhere. Every string written into HTML goes through
-:func:`html.escape`, and JSON embedded in a page has ``<``, ``>`` and ``&`` written as ``\\u003c``
-etc. (:func:`json_for_html`), so a label or class name cannot close a tag or a script.
+inline, nothing is fetched from elsewhere. Every string written into HTML goes through :func:`E`
+(:func:`html.escape`, with bidirectional control characters such as U+202E shown as visible ``\\u202e``
+escapes, so a label cannot reorder the text shown around it), and JSON embedded in a page has ``<``,
+``>`` and ``&`` written as ``\\u003c`` etc. (:func:`json_for_html`), so a label or class name cannot close
+a tag or a script.
 """
 
 from __future__ import annotations
@@ -17,7 +19,21 @@ import numpy as np
 INDEX_FILE = "index.html"
 FEATURES_DIR = "features"
 
-E = html.escape
+BIDI_CONTROLS = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+"""Bidirectional formatting characters: one in a label (e.g. U+202E, right-to-left override) would reorder the
+text shown after it, so the pages show each as a visible escape (``\\u202e``) instead."""
+_BIDI_VISIBLE = {ord(c): f"\\u{ord(c):04x}" for c in BIDI_CONTROLS}
+
+
+def visible(text) -> str:
+    """``text`` with every bidirectional control character written as a visible ``\\uXXXX`` escape."""
+    return str(text).translate(_BIDI_VISIBLE)
+
+
+def E(text) -> str:
+    """A string as HTML text or attribute value: escaped (``<``, ``>``, ``&``, quotes), and bidirectional controls
+    shown as visible escapes so that no label can reorder the text around it."""
+    return html.escape(visible(text))
 
 
 def json_for_html(obj) -> str:

@@ -43,7 +43,7 @@ import torch
 
 from tide.analysis.ranking import auroc_one_vs_rest, safe_ratio
 from tide.branches import BRANCHES, CfgBranch, check_branch
-from tide.io import atomic_path, canonical_hash, tensors_hash
+from tide.io import atomic_path, canonical_hash, check_output_file, tensors_hash
 from tide.data import ActivationStore
 from tide.device import eval_mode, resolve_device
 from tide.errors import TideError
@@ -447,12 +447,23 @@ class FeatureStatsConfig:
     """CFG rows to analyse: cond, uncond or both."""
     device: str = "auto"
     """cpu, cuda[:N], or auto."""
+    overwrite: bool = False
+    """Replace an existing statistics file at --out."""
+
+    def output_path(self) -> Path:
+        """The file `run` writes: ``out``, or ``feature_stats.h5`` inside it when it is a directory; refused (one
+        line) when it exists without ``overwrite`` or cannot be written."""
+        out = Path(self.out)
+        if out.is_dir():
+            out = out / FILENAME
+        return check_output_file(out, self.overwrite)
 
     def run(self, progress: bool = True) -> FeatureStatsResult:
         from tide.device import resolve_device
 
+        out = self.output_path()  # before the SAE and the dataset are read
         branch = BRANCHES.get(check_branch(self.cfg_branch))  # None = both
         stats = compute_feature_stats(self.sae, self.data, top_k=self.top_k, batch_size=self.batch_size,
                                       device=resolve_device(self.device), progress=progress,
                                       cfg_branch=branch)
-        return FeatureStatsResult(save_feature_stats(stats, self.out), stats)
+        return FeatureStatsResult(save_feature_stats(stats, out), stats)

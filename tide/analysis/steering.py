@@ -48,6 +48,8 @@ from tide.hooks import HookedBackbone, is_text_hook, require_step
 from tide.sampling import Intervention, SampleOutput, SamplerConfig, sample
 
 MODES = ("add", "clamp", "ablate")
+GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
+"""Suffixes `tide steer --out` takes (the grid's format follows the suffix)."""
 SCALES = ("latent", "norm")
 STEER_BRANCHES = ("cond", "uncond", "both", "cfg")
 SteerBranch = Literal["cond", "uncond", "both", "cfg"]
@@ -256,7 +258,18 @@ def edit_generation(model, sae, conds: Sequence[int], seeds: Sequence[int], samp
 def save_before_after(before: SampleOutput, after: SampleOutput, path, row_labels: Sequence[str] | None = None,
                       ncol: int | None = None, title: str | None = None) -> Path:
     """A PNG grid: each sample a column, its original above its edited version; ``ncol`` samples per
-    row pair (default all). ``row_labels``: two labels (default ``before``/``after``), repeated per pair."""
+    row pair (default all). ``row_labels``: two labels (default ``before``/``after``), repeated per pair.
+    Written through a temporary name: an existing file at ``path`` is replaced only once the new one is complete."""
+    from tide.io import staged_outputs
+
+    path = Path(path)
+    with staged_outputs() as stage:
+        _write_before_after(before, after, stage(path), row_labels, ncol, title)
+    return path
+
+
+def _write_before_after(before: SampleOutput, after: SampleOutput, path, row_labels: Sequence[str] | None = None,
+                        ncol: int | None = None, title: str | None = None) -> Path:
     from tide.images import save_grid
 
     a, b = before.images, after.images
@@ -406,6 +419,27 @@ class SteerConfig(GenerationConfig, BackboneConfig):
     """Also write before and after images (N, C, H, W in [0, 1]), conds and seeds to this .npz."""
     out: str = "runs/steer.png"
     """Before/after grid (PNG); a JSON summary is written beside it."""
+    overwrite: bool = False
+    """Replace existing outputs: the grid at --out, the JSON beside it and the --save-images file."""
+
+    def outputs(self) -> tuple[Path, Path, Path | None]:
+        """(grid, JSON summary, images .npz or None), each refused in one line when it exists without
+        ``overwrite``, is a directory or cannot be written; creates nothing."""
+        from tide.io import check_output_file
+
+        out = Path(self.out)
+        if out.suffix.lower() not in GRID_SUFFIXES:
+            raise TideError(f"--out {out} must name an image file ({', '.join(GRID_SUFFIXES)}): the grid's format "
+                            f"follows its suffix, e.g. --out {out.with_suffix('.png')}")
+        summary = out.with_suffix(".json")
+        images = Path(self.save_images) if self.save_images else None
+        if images is not None and images in (out, summary):
+            raise TideError(f"--save-images {images} is also the grid or its JSON summary: give it another name")
+        check_output_file(out, self.overwrite)
+        check_output_file(summary, self.overwrite)
+        if images is not None:
+            check_output_file(images, self.overwrite, "--save-images")
+        return out, summary, images
 
     def run(self) -> SteerResult:
         import json
@@ -426,6 +460,7 @@ class SteerConfig(GenerationConfig, BackboneConfig):
             raise TideError(f"--n must be >= 1, got {self.n}")
         if self.save_images and not str(self.save_images).endswith(".npz"):
             raise TideError(f"--save-images writes an .npz file, got {self.save_images!r}")
+        out, summary, images = self.outputs()  # before the SAE and the backbone are loaded
         sae = load_sae(self.sae, device="cpu")
         spec = self.backbone or sae.cfg.backbone or DEFAULT_BACKBONE
         prompts = self.prompts or sae.cfg.prompts or None
@@ -452,14 +487,17 @@ class SteerConfig(GenerationConfig, BackboneConfig):
                                                        len(default_classes))
         else:
             before, after, target = self._run_features(sae, backbone, conds, seeds, config, mask)
+        from tide.io import staged_outputs
+
         ncol = self.n if self.unconditional else self.n * min(len(classes), 4)
-        path = save_before_after(before, after, self.out, ncol=min(ncol, 16))
-        if self.save_images:
-            save_images_npz(before, after, self.save_images)
-        result = SteerResult(config={k: getattr(self, k) for k in self.__dataclass_fields__}, grid_path=Path(path),
-                             json_path=Path(self.out).with_suffix(".json"), before=before, after=after,
+        result = SteerResult(config={k: getattr(self, k) for k in self.__dataclass_fields__}, grid_path=out,
+                             json_path=summary, before=before, after=after,
                              pixel_change=float((after.images - before.images).abs().mean()), **target)
-        result.json_path.write_text(json.dumps(result.to_dict(), indent=1))
+        with staged_outputs() as stage:  # all or nothing: the grid, the images and the JSON replace the old together
+            _write_before_after(before, after, stage(out), ncol=min(ncol, 16))
+            if images is not None:
+                _write_images_npz(before, after, stage(images))
+            stage(summary).write_text(json.dumps(result.to_dict(), indent=1))
         return result
 
     def _classifier_rates(self, backbone, before, after, cls: int, required: bool = True) -> dict:
@@ -567,13 +605,18 @@ class SteerConfig(GenerationConfig, BackboneConfig):
 def save_images_npz(before: SampleOutput, after: SampleOutput, path) -> Path:
     """``before`` and ``after`` images (N, C, H, W, float32 in [0, 1]), ``conds`` and ``seeds`` as an .npz, written
     through a temporary name."""
-    import os
-
-    import numpy as np
+    from tide.io import staged_outputs
 
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, before=before.images.float().numpy(), after=after.images.float().numpy(),
-                        conds=before.conds.numpy(), seeds=before.seeds.numpy())
-    os.replace(tmp, path)
+    with staged_outputs() as stage:
+        _write_images_npz(before, after, stage(path))
     return path
+
+
+def _write_images_npz(before: SampleOutput, after: SampleOutput, path) -> Path:
+    import numpy as np
+
+    with open(path, "wb") as fh:  # a file object: numpy adds no .npz suffix of its own
+        np.savez_compressed(fh, before=before.images.float().numpy(), after=after.images.float().numpy(),
+                            conds=before.conds.numpy(), seeds=before.seeds.numpy())
+    return Path(path)

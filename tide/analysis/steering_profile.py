@@ -478,9 +478,9 @@ class ProfileConfig:
         from tide.config import DEFAULT_BACKBONE
         from tide.sae import load_sae
 
-        out = Path(self.out)
-        if out.exists() and not self.overwrite:
-            raise TideError(f"{out} already exists: pass --overwrite to replace it, or choose another --out")
+        from tide.io import check_output_file
+
+        out = check_output_file(self.out, self.overwrite)  # before anything is loaded
         if not out.parent.is_dir():
             raise TideError(f"the folder of --out {out} does not exist: create it first")
         if self.num_samples < 1 or self.keep < 1 or self.num_steps < 1:

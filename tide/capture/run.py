@@ -21,13 +21,14 @@ import torch
 from tqdm.auto import tqdm
 
 import tide
-from tide.capture.schema import (MANIFEST, PROGRESS_DIR, SCHEMA, SCHEMA_VERSION, TMP_SUFFIX, ShardRecord, progress_name,
-                                 token_dtype)
+from tide.capture.schema import (MANIFEST, PROGRESS_DIR, SCHEMA, SCHEMA_VERSION, TMP_SUFFIX, ShardRecord,
+                                 check_shard_entry, progress_name, read_manifest, token_dtype)
 from tide.capture.writer import ShardDone, ShardWriter, StepChunk
 from tide.branches import CfgBranch, check_branch
 from tide.config import GenerationConfig, to_dict
 from tide.errors import TideError
 from tide.io import atomic_write_json, canonical_hash
+from tide.memory import check_capture
 from tide.hooks import BRANCH_NAMES, HookedBackbone, current_step, is_text_hook
 from tide.models.base import Backbone
 from tide.models.loading import BackboneConfig
@@ -229,7 +230,9 @@ def _prepare_output(config: CaptureConfig, out: Path) -> dict | None:
         if not manifest_path.exists():
             raise TideError(f"cannot resume: {out} holds no {MANIFEST} (nothing was captured there yet); "
                             "run without --resume")
-        manifest = json.loads(manifest_path.read_text())
+        # schema, version, entry types and confined shard paths: refused before anything in `out` changes
+        manifest, _, _ = read_manifest(out)
+        _read_progress(out)  # the progress files' shard entries too
         old, new = manifest.get("config", {}), config.defining()
         diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
         if diff:
@@ -255,19 +258,30 @@ def _cleanup_partial(out: Path, finished: set[int]) -> None:
     for path in (out / PROGRESS_DIR).glob("*" + TMP_SUFFIX):
         path.unlink()
     for path in out.glob("shard-*.h5"):
-        if int(path.stem.split("-")[1]) not in finished:
+        index = path.stem.split("-", 1)[1]
+        if index.isdigit() and int(index) not in finished:  # only names the writer gives (shard_name)
             path.unlink()
 
 
 def _read_progress(out: Path) -> dict[int, dict]:
+    """The finished shards' entries by index: the manifest's, then the progress files' (each checked as a
+    manifest's shard entry, its file confined to ``out``)."""
     records: dict[int, dict] = {}
-    manifest = out / MANIFEST
-    if manifest.exists():
-        for rec in json.loads(manifest.read_text()).get("shards", []):
+    if (out / MANIFEST).exists():
+        for rec in read_manifest(out)[0]["shards"]:
             records[rec["index"]] = rec
     for path in sorted((out / PROGRESS_DIR).glob("rank-*.json")):
-        for rec in json.loads(path.read_text()).get("shards", []):
-            records[rec["index"]] = rec
+        try:
+            progress = json.loads(path.read_bytes())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise TideError(f"capture progress file {path} cannot be read ({' '.join(str(exc).split())}); "
+                            f"it is damaged: restart the capture with --overwrite") from None
+        entries = progress.get("shards") if isinstance(progress, dict) else None
+        if not isinstance(entries, list):
+            raise TideError(f"capture progress file {path} holds no list of shards; it is damaged: "
+                            "restart the capture with --overwrite")
+        for i, rec in enumerate(entries):
+            records[check_shard_entry(rec, i, path, out).index] = rec
     return records
 
 
@@ -283,12 +297,13 @@ def capture(config: CaptureConfig, backbone: Backbone | None = None, progress: b
         raise TideError(f"cfg_branch={config.cfg_branch!r} needs classifier-free guidance, but the {backbone.family} "
                         f"backbone at guidance_scale={config.guidance_scale:g} has no unconditional half: set "
                         "guidance_scale to a value other than 1.0 (guidance-distilled FLUX has none at any scale)")
+    check_capture(config, backbone)  # memory of a shard's batch, disk of the dataset: refused before `out` changes
     rank, world = _dist()
     if rank == 0:
         previous = _prepare_output(config, out)
     _barrier(world)
     if rank != 0:
-        previous = json.loads((out / MANIFEST).read_text()) if config.resume else None
+        previous = read_manifest(out)[0] if config.resume else None
 
     hooked = HookedBackbone.of(backbone)
     hooks = list(config.hooks) if config.hooks else [hooked.default_hook()]

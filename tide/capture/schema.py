@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from tide.branches import BRANCHES  # noqa: F401  (the values of the cfg_branch column)
+from tide.errors import TideError
 from tide.io import TMP_SUFFIX  # noqa: F401  (the format's temporary-file suffix)
 
 SCHEMA = "tide.activations"
@@ -109,3 +112,179 @@ class ShardRecord:
                    rank=int(entry.get("rank", -1)),
                    dtypes={str(k): str(v) for k, v in dtypes.items()} if isinstance(dtypes, dict) else {},
                    root=None if root is None else Path(root))
+
+
+# ------------------------------------------------------------------------------------ reading a manifest
+# Every reader of a dataset (ActivationStore, and through it the loader, `tide data info|verify`, training,
+# evaluation; the capture's --resume) goes through read_manifest, so a manifest is checked the same way
+# everywhere: JSON object, schema name and version, the types of every entry a reader uses, and shard paths
+# confined to the dataset directory. Each refusal is a one-line TideError naming the entry and the fix.
+
+DAMAGED = "the manifest is damaged or hand-edited: recapture the dataset"
+"""The fix named by every refusal of a manifest's contents."""
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
+
+
+def _kind(value) -> str:
+    """A JSON value's type, as a message names it."""
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
+            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _show(value) -> str:
+    """A short one-line rendering of a JSON value for a message."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_schema(manifest, where: str | Path) -> None:
+    """Refuse a manifest that is not a JSON object, or whose ``schema`` / ``schema_version`` this tide does not read."""
+    if not isinstance(manifest, dict):
+        raise TideError(f"{where} holds {_kind(manifest)}, not a JSON object; {DAMAGED}")
+    schema = manifest.get("schema")
+    if schema != SCHEMA:
+        what = "has no 'schema' entry" if "schema" not in manifest else f"has schema {_show(schema)}"
+        raise TideError(f"{where} {what}, expected {SCHEMA!r}: this directory was not written by `tide capture` "
+                        f"(or its manifest was edited); recapture the dataset with `tide capture`")
+    version = manifest.get("schema_version")
+    if not _is_int(version):
+        what = "has no 'schema_version' entry" if "schema_version" not in manifest else \
+            f"has schema_version {_show(version)}, not an integer"
+        raise TideError(f"{where} {what}; {DAMAGED}")
+    if version > SCHEMA_VERSION:
+        raise TideError(f"{where} was written by a newer tide (version {version}); upgrade tide to read it "
+                        f"(this tide reads schema version {SCHEMA_VERSION})")
+    if version < SCHEMA_VERSION:
+        raise TideError(f"{where} has schema_version {version}, older than this tide reads ({SCHEMA_VERSION}): "
+                        "recapture it with this version of tide")
+
+
+def confined_path(root: str | Path, file, where: str | Path, entry: str) -> Path:
+    """``root / file`` for a shard ``file`` named by a manifest, refused unless it stays inside ``root``: not
+    absolute, no ``..`` component, and (following symlinks) resolving to a path below ``root``."""
+    root = Path(root)
+    reason = None
+    parts = str(file).replace("\\", "/").split("/")
+    if Path(file).is_absolute() or str(file).startswith(("/", "\\")):
+        reason = "is an absolute path"
+    elif ".." in parts:
+        reason = "contains '..'"
+    else:
+        resolved, base = (root / file).resolve(), root.resolve()
+        if base not in resolved.parents:
+            reason = f"resolves to {str(resolved)!r}, outside the dataset directory"
+    if reason:
+        raise TideError(f"{where}: {entry} names file {_show(file)}, which {reason}; shard files must lie inside "
+                        f"the dataset directory: {DAMAGED}")
+    return root / file
+
+
+_ENTRY_INTS = (("index", 0), ("rows", 0), ("bytes", 0))
+_ENTRY_OPTIONAL_INTS = (("first_sample", -1), ("num_samples", -1), ("rank", -1))
+
+
+def check_shard_entry(entry, position: int, where: str | Path, root: str | Path | None) -> ShardRecord:
+    """One item of a manifest's (or a capture progress file's) ``shards`` list as a :class:`ShardRecord`, every
+    field's type checked and (with ``root``) its file confined to ``root``; a one-line TideError otherwise."""
+    name = f"shard entry {position}"
+    if not isinstance(entry, dict):
+        raise TideError(f"{where}: {name} is {_kind(entry)}, not an object; {DAMAGED}")
+    file = entry.get("file")
+    if isinstance(file, str) and file:
+        name += f" ({file!r})"
+
+    def bad(key: str, want: str):
+        got = "missing" if key not in entry else f"{_show(entry[key])}"
+        return TideError(f"{where}: {name} has {key} {got}, expected {want}; {DAMAGED}")
+    if not isinstance(file, str) or not file or "\x00" in file:
+        raise bad("file", "a file name")
+    for key, low in _ENTRY_INTS:
+        if not _is_int(entry.get(key)) or entry[key] < low:
+            raise bad(key, f"an integer >= {low}")
+    for key, low in _ENTRY_OPTIONAL_INTS:
+        if key in entry and (not _is_int(entry[key]) or entry[key] < low):
+            raise bad(key, f"an integer >= {low}")
+    digest = entry.get("sha256")
+    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
+        raise bad("sha256", "64 hexadecimal digits")
+    dtypes = entry.get("dtypes", {})
+    if not isinstance(dtypes, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in dtypes.items()):
+        raise bad("dtypes", "an object of hook: dtype name")
+    if root is not None:
+        confined_path(root, file, where, name)
+    return ShardRecord.from_dict(entry, root=root)
+
+
+def _check_optional(manifest: dict, where, key: str, ok, want: str) -> None:
+    if key in manifest and not ok(manifest[key]):
+        raise TideError(f"{where} has {key} {_show(manifest[key])}, expected {want}; {DAMAGED}")
+
+
+def check_manifest(manifest, where: str | Path, root: str | Path | None = None) -> list[ShardRecord]:
+    """Check a parsed manifest (schema, version and the type of every entry a reader uses; shard files confined to
+    ``root``) and return its shard records sorted by index. Raises a one-line TideError naming the bad entry."""
+    check_schema(manifest, where)
+    for key in ("complete", "hooks", "shards"):
+        if key not in manifest:
+            raise TideError(f"{where} has no {key!r} entry; {DAMAGED}")
+    _check_optional(manifest, where, "complete", lambda v: isinstance(v, bool), "true or false")
+    hooks = manifest["hooks"]
+    if not isinstance(hooks, dict) or not hooks:
+        raise TideError(f"{where} has hooks {_show(hooks)}, expected an object of hook name: {{\"d_model\": width}}; "
+                        f"{DAMAGED}")
+    for hook, spec in hooks.items():
+        if not hook or not isinstance(spec, dict) or not _is_int(spec.get("d_model")) or spec["d_model"] < 1:
+            raise TideError(f"{where}: hook {hook!r} has {_show(spec)}, expected {{\"d_model\": width >= 1}}; {DAMAGED}")
+    shards = manifest["shards"]
+    if not isinstance(shards, list):
+        raise TideError(f"{where} has shards {_show(shards)}, expected a list of shard entries; {DAMAGED}")
+
+    def count(v):
+        return _is_int(v) and v >= 0
+
+    def positive(v):
+        return _is_int(v) and v >= 1
+
+    for key in ("num_shards", "total_rows", "num_samples", "samples_per_shard"):
+        _check_optional(manifest, where, key, count, "an integer >= 0")
+    for key in ("num_tokens", "tokens_kept"):
+        _check_optional(manifest, where, key, positive, "an integer >= 1")
+    _check_optional(manifest, where, "patch_grid",
+                    lambda v: v is None or (isinstance(v, list) and 1 <= len(v) <= 3 and all(map(positive, v))),
+                    "a list of 1 to 3 integers >= 1")
+    _check_optional(manifest, where, "condition_names", lambda v: v is None or isinstance(v, list), "a list of names")
+    for key in ("backbone", "config", "schedule"):
+        _check_optional(manifest, where, key, lambda v: isinstance(v, dict), "an object")
+    schedule = manifest.get("schedule", {})
+    for key, ok, want in (("timesteps", lambda v: isinstance(v, list) and all(map(_is_number, v)), "a list of numbers"),
+                          ("recorded_steps", lambda v: isinstance(v, list) and all(map(count, v)),
+                           "a list of integers >= 0"),
+                          ("num_steps", count, "an integer >= 0")):
+        if key in schedule and not ok(schedule[key]):
+            raise TideError(f"{where} has schedule.{key} {_show(schedule[key])}, expected {want}; {DAMAGED}")
+    records = [check_shard_entry(entry, i, where, root) for i, entry in enumerate(shards)]
+    return sorted(records, key=lambda s: s.index)
+
+
+def read_manifest(root: str | Path) -> tuple[dict, bytes, list[ShardRecord]]:
+    """Read and check ``root / manifest.json`` (see :func:`check_manifest`): (manifest, its raw bytes, its shard
+    records sorted by index, located in ``root``). The caller checks that the file exists."""
+    path = Path(root) / MANIFEST
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise TideError(f"{path} cannot be read ({exc.strerror or exc}); check its permissions") from None
+    try:
+        manifest = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        detail = " ".join(str(exc).split()) if not isinstance(exc, RecursionError) else "nested too deeply"
+        raise TideError(f"{path} is not valid JSON ({detail}); the file is damaged: "
+                        f"recapture the dataset or restore the manifest from a copy") from None
+    return manifest, raw, check_manifest(manifest, path, root)

@@ -65,6 +65,10 @@ class LoaderConfig:
     """This process's rank when reading in data-parallel; ranks read disjoint blocks."""
     world_size: int = 1
     """Number of data-parallel ranks."""
+    verify_checksums: bool = False
+    """Compare each shard's SHA-256 with the manifest's before the loader first reads its activations (the whole
+    file is read once per process; see ActivationStore.verify_checksum); a mismatch raises a TideError naming
+    the shard. Off by default here; `tide train` turns it on (TrainConfig.verify_checksums)."""
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -224,6 +228,8 @@ class ActivationLoader:
                             f"{info['cfg_branches']} CFG branch(es): widen the filters")
         self.epoch = 0
         self._torch_dtype = TORCH_DTYPES[config.dtype]
+        self._verified: set[int] = set()
+        """Shards whose checksum this loader has checked (the store remembers matches for the process)."""
 
     @property
     def peak_buffer_rows(self) -> int:
@@ -258,6 +264,9 @@ class ActivationLoader:
 
     def _read(self, block: Block) -> tuple[dict, dict]:
         cfg = self.config
+        if cfg.verify_checksums and block.shard not in self._verified:
+            self.store.verify_checksum(block.shard)
+            self._verified.add(block.shard)
         _, meta = self.store.read(block.shard, block.start, block.stop, (), self.read_columns)
         keep = cfg.mask(meta)
         if keep is None:

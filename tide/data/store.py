@@ -1,7 +1,9 @@
 """Open and read a captured activation dataset (format: docs/FORMAT.md).
 
 ``ActivationStore(path)`` reads ``manifest.json`` and refuses a dataset it cannot serve (no
-manifest, another schema, an unfinished capture, a listed shard gone), and reads rows of its shards.
+manifest, another schema, a malformed entry or a shard path outside the directory (checked by
+``tide.capture.schema.read_manifest``), an unfinished capture, a listed shard gone), and reads rows of
+its shards; ``verify_checksum(i)`` compares a shard's SHA-256 with the manifest's, once per process.
 Its ``verify()`` (:mod:`tide.data.verify`), ``stats(hook)`` (:mod:`tide.data.stats`) and
 ``info()`` / ``format_info()`` (:mod:`tide.data.info`) are thin delegations to those modules.
 """
@@ -9,7 +11,6 @@ Its ``verify()`` (:mod:`tide.data.verify`), ``stats(hook)`` (:mod:`tide.data.sta
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -18,11 +19,12 @@ from typing import Iterator, Sequence
 import h5py
 import numpy as np
 
-from tide.capture.schema import ACTS_GROUP, MANIFEST, SCHEMA, SCHEMA_VERSION, ShardRecord
+from tide.capture.schema import ACTS_GROUP, MANIFEST, SCHEMA, SCHEMA_VERSION, ShardRecord, read_manifest
 from tide.data.info import dataset_info, format_info
 from tide.data.stats import TimestepStats, cached_stats, compute_stats
-from tide.data.verify import VerifyReport, verify_store
+from tide.data.verify import HASH_CHUNK_BYTES, VerifyReport, verify_store
 from tide.errors import TideError
+from tide.io import sha256_file
 
 ShardInfo = ShardRecord
 """The former reader-side name of :class:`tide.capture.schema.ShardRecord` (one manifest shard entry)."""
@@ -31,13 +33,8 @@ SCAN_CHUNK_BYTES = 64 << 20
 """Bytes of one activation dataset held at a time while scanning it or computing statistics."""
 MAX_OPEN_SHARDS = 16
 """Shard files a store keeps open at once (least recently used are closed)."""
-
-
-def _require(manifest: dict, key: str, where: Path):
-    if key not in manifest:
-        raise TideError(f"{where} has no {key!r} entry; it was not written by `tide capture` "
-                        f"(schema {SCHEMA!r} version {SCHEMA_VERSION}) or is damaged; recapture the dataset")
-    return manifest[key]
+_VERIFIED: set[tuple] = set()
+"""Shard files whose SHA-256 matched in this process (see ``ActivationStore.verify_checksum``)."""
 
 
 class ActivationStore:
@@ -56,43 +53,18 @@ class ActivationStore:
         if not manifest_path.is_file():
             raise TideError(f"{self.path} has no {MANIFEST}; it is not a captured activation dataset, "
                             f"or its capture has not finished a shard yet (run `tide capture` to write one)")
-        raw = manifest_path.read_bytes()
-        try:
-            manifest = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise TideError(f"{manifest_path} is not valid JSON ({exc}); the file is damaged: "
-                            f"recapture the dataset or restore the manifest from a copy") from None
-        if not isinstance(manifest, dict):
-            raise TideError(f"{manifest_path} must hold a JSON object; recapture the dataset")
-        schema = manifest.get("schema")
-        if schema != SCHEMA:
-            raise TideError(f"{manifest_path} has schema {schema!r}, expected {SCHEMA!r}; "
-                            f"this directory was not written by `tide capture`")
-        version = manifest.get("schema_version")
-        if version != SCHEMA_VERSION:
-            fix = ("upgrade tide to read it" if isinstance(version, int) and version > SCHEMA_VERSION
-                   else "recapture it with this version of tide")
-            raise TideError(f"{manifest_path} has schema_version {version!r}; this tide reads version "
-                            f"{SCHEMA_VERSION}: {fix}")
+        # JSON object, schema and version, entry types, shard files confined to the directory (tide.capture.schema)
+        manifest, raw, shards = read_manifest(self.path)
         self.manifest: dict = manifest
         self.manifest_sha256 = hashlib.sha256(raw).hexdigest()
-        self.complete = bool(_require(manifest, "complete", manifest_path))
+        self.complete: bool = manifest["complete"]
         if strict and not self.complete:
-            listed = len(manifest.get("shards", []))
+            listed = len(manifest["shards"])
             expected = manifest.get("num_shards", "?")
             raise TideError(f"dataset {self.path} is incomplete ({listed} of {expected} shards finished); "
                             f"finish it with `tide capture --resume` (same config and output directory)")
-        hooks = _require(manifest, "hooks", manifest_path)
-        if not isinstance(hooks, dict) or not hooks:
-            raise TideError(f"{manifest_path} lists no hooks; recapture the dataset")
-        try:
-            self.hooks: dict[str, int] = {h: int(spec["d_model"]) for h, spec in hooks.items()}
-            self.shards: list[ShardRecord] = sorted(
-                (ShardRecord.from_dict(s, root=self.path) for s in _require(manifest, "shards", manifest_path)),
-                key=lambda s: s.index)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise TideError(f"{manifest_path} has a malformed hook or shard entry ({exc!r}); "
-                            f"recapture the dataset") from None
+        self.hooks: dict[str, int] = {h: spec["d_model"] for h, spec in manifest["hooks"].items()}
+        self.shards: list[ShardRecord] = shards
         if strict:
             for shard in self.shards:
                 if not shard.path.is_file():
@@ -120,7 +92,11 @@ class ActivationStore:
     def patch_grid(self) -> tuple[int, ...]:
         """The backbone's token grid: (rows, cols) for images, (frames, rows, cols) for video; the
         ``token`` column is row-major over it (see :mod:`tide.data.coords`)."""
-        return tuple(int(g) for g in self.manifest.get("patch_grid") or [self.manifest["num_tokens"]])
+        grid = self.manifest.get("patch_grid") or [self.manifest.get("num_tokens")]
+        if grid == [None]:
+            raise TideError(f"{self.path / MANIFEST} records neither patch_grid nor num_tokens, so token indices "
+                            f"cannot be mapped to grid positions; recapture the dataset")
+        return tuple(int(g) for g in grid)
 
     def token_coords(self, token) -> tuple:
         """Grid coordinates of ``token`` values of this dataset: (frame, row, col) for video,
@@ -186,11 +162,61 @@ class ActivationStore:
         except OSError as exc:
             raise TideError(f"dataset {self.path}: shard {shard.file} cannot be opened as HDF5 ({exc}); "
                             f"run `tide data verify {self.path}`") from None
+        problem = self._shard_header_problem(handle, shard)
+        if problem:
+            handle.close()
+            raise TideError(f"dataset {self.path}: shard {shard.file} {problem}; run `tide data verify {self.path}`")
         self._handles[i] = handle
         while len(self._handles) > MAX_OPEN_SHARDS:
             _, old = self._handles.popitem(last=False)
             old.close()
         return handle
+
+    @staticmethod
+    def _shard_header_problem(f: h5py.File, shard: ShardRecord) -> str | None:
+        """What is wrong with an opened shard's schema attributes or activation row counts (cheap: no data is
+        read), or None; ``verify`` checks everything else."""
+        schema, version = f.attrs.get("schema"), f.attrs.get("schema_version")
+        schema = schema.decode(errors="replace") if isinstance(schema, bytes) else schema
+        if schema is not None and schema != SCHEMA:
+            return f"has schema {schema!r}, expected {SCHEMA!r}"
+        if version is not None and not isinstance(version, (int, np.integer)):
+            return f"has schema_version {version!r}, not an integer"
+        if version is not None and version != SCHEMA_VERSION:
+            if version > SCHEMA_VERSION:
+                return f"was written by a newer tide (version {version}); upgrade tide to read it"
+            return f"has schema_version {version}, older than this tide reads ({SCHEMA_VERSION})"
+        group = f.get(ACTS_GROUP)
+        if isinstance(group, h5py.Group):
+            for name, ds in group.items():
+                if isinstance(ds, h5py.Dataset) and ds.shape[:1] != (shard.rows,):
+                    return f"holds {ds.shape[0] if ds.shape else 0} rows of {name}, the manifest says {shard.rows}"
+        return None
+
+    def verify_checksum(self, i: int) -> None:
+        """Compare shard ``i``'s SHA-256 with the manifest's (streams the whole file in chunks); a TideError naming
+        the shard when they differ. A match is remembered for the rest of the process (keyed by the file's path,
+        inode, size and modification time and the expected digest), so a file is hashed once however often
+        loaders open it; a file changed since is hashed again."""
+        shard = self.shards[i]
+        try:
+            st = shard.path.stat()
+        except OSError:
+            raise TideError(f"dataset {self.path}: shard {shard.file} is missing; restore it or recapture "
+                            "the dataset") from None
+        key = (str(shard.path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, shard.sha256)
+        if key in _VERIFIED:
+            return
+        if st.st_size != shard.bytes:
+            raise TideError(f"dataset {self.path}: shard {shard.file} is {st.st_size} bytes, the manifest says "
+                            f"{shard.bytes} ({'truncated' if st.st_size < shard.bytes else 'changed'}); "
+                            f"run `tide data verify {self.path}` for details")
+        digest = sha256_file(shard.path, HASH_CHUNK_BYTES)
+        if digest != shard.sha256:
+            raise TideError(f"dataset {self.path}: shard {shard.file} does not match its SHA-256 in the manifest "
+                            f"(its bytes changed on disk: corrupted or edited); run `tide data verify {self.path}` "
+                            f"for details")
+        _VERIFIED.add(key)
 
     def read(self, i: int, start: int, stop: int, hooks: Sequence[str] = (),
              columns: Sequence[str] = ()) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

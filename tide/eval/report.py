@@ -15,6 +15,7 @@ dataset was captured from (named in its manifest), then writes into ``out``:
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 
 from tide.config import BackboneConfig, GenerationConfig, save_yaml, to_dict
 from tide.errors import TideError
-from tide.io import atomic_write_json
+from tide.io import check_writable_dir, staged_outputs
 
 if TYPE_CHECKING:  # imported on use: the splice loads the backbones
     from tide.eval.metrics import ReconstructionMetrics
@@ -34,6 +35,9 @@ if TYPE_CHECKING:  # imported on use: the splice loads the backbones
 EVAL_JSON = "eval.json"
 EVAL_PLOT = "eval.png"
 EVAL_SAMPLES = "eval_samples.png"
+EVAL_CONFIG = "eval_config.yaml"
+EVAL_FILES = (EVAL_CONFIG, EVAL_JSON, EVAL_PLOT, EVAL_SAMPLES)
+"""Every file `tide eval` writes into its output directory."""
 MAX_GRID_COLUMNS = 8
 """Samples per condition shown in ``eval_samples.png``."""
 
@@ -68,6 +72,8 @@ class EvalConfig(GenerationConfig, BackboneConfig):
     """Rows per SAE batch while measuring reconstruction."""
     splice_samples: int = 4
     """Samples per condition generated with and without the SAE spliced in (0 skips the splice measurements)."""
+    overwrite: bool = False
+    """Replace an evaluation already in --out (eval.json, eval.png, eval_samples.png, eval_config.yaml)."""
 
     def validate(self) -> "EvalConfig":
         if self.max_rows is not None and self.max_rows < 1:
@@ -79,6 +85,16 @@ class EvalConfig(GenerationConfig, BackboneConfig):
         if self.batch_size < 1:
             raise TideError(f"batch_size must be >= 1, got {self.batch_size}")
         return self
+
+    def check_out(self) -> Path:
+        """The output directory, refused (one line) when it is a file, cannot be written, or already holds an
+        evaluation without ``overwrite``; creates nothing."""
+        out = check_writable_dir(self.out)
+        found = [name for name in EVAL_FILES if (out / name).exists() or (out / name).is_symlink()]
+        if found and not self.overwrite:
+            raise TideError(f"{out} already holds an evaluation ({', '.join(found)}): pass --overwrite to replace "
+                            "it, or choose another --out")
+        return out
 
 
 def _real_images(backbone, classifier) -> tuple[torch.Tensor | None, str | None]:
@@ -176,12 +192,11 @@ def evaluate(config: EvalConfig, backbone=None, sae=None, progress: bool = True)
     from tide.sampling import SamplerConfig
 
     config.validate()
+    out = config.check_out()  # before anything is loaded; every file is written at the end, together
     t_start = time.perf_counter()
     times: dict[str, float] = {}
     device = resolve_device(config.device) if backbone is None else backbone.device
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_yaml(config, out / "eval_config.yaml")
+    grid = None
 
     if sae is None:
         sae_dir = Path(config.sae)
@@ -272,14 +287,20 @@ def evaluate(config: EvalConfig, backbone=None, sae=None, progress: bool = True)
                            for c in range(n_cond)])
         names = backbone.condition_names
         labels = [label for c in range(n_cond) for label in (names[c][:12], "+ SAE")]  # short: narrow grids clip
-        save_grid(pairs, out / EVAL_SAMPLES, nrow=cols, row_labels=labels)
+        grid = (pairs, cols, labels)
         result["samples_grid"] = EVAL_SAMPLES
 
     times["total"] = round(time.perf_counter() - t_start, 2)
     result["wall_time_s"] = times
     result["plot"] = EVAL_PLOT
-    plot_eval(result, out / EVAL_PLOT)
-    atomic_write_json(out / EVAL_JSON, result)
+    with staged_outputs() as stage:  # all or nothing: an error leaves the old evaluation as it was
+        save_yaml(config, stage(out / EVAL_CONFIG))
+        if grid is not None:
+            save_grid(grid[0], stage(out / EVAL_SAMPLES), nrow=grid[1], row_labels=grid[2])
+        plot_eval(result, stage(out / EVAL_PLOT))
+        stage(out / EVAL_JSON).write_text(json.dumps(result, indent=1) + "\n")
+    if grid is None:  # an older evaluation's samples do not belong to this one
+        (out / EVAL_SAMPLES).unlink(missing_ok=True)
     if progress:
         print(f"[eval] wrote {out / EVAL_JSON} and {out / EVAL_PLOT}", flush=True)
     return EvalResult(out, metrics, err, spl, result)

@@ -191,18 +191,20 @@ class Backbone(nn.Module, abc.ABC):
             return list(self.prompts.texts)
         return [str(i) for i in range(self.num_conditions)]
 
-    def check_conditions(self, conds: Sequence[int]) -> None:
-        """Raise a clear error for condition ids this backbone does not know."""
+    def check_conditions(self, conds: Sequence[int], allow_null: bool = True) -> None:
+        """Raise a clear error for condition ids this backbone does not know; ``allow_null``: the null condition
+        (-1, the unconditional input) passes too."""
         n = self.num_conditions
         if self.text_conditioned and self.prompts is None:
             raise TideError(
                 f"the {self.family} backbone is text-conditioned and needs prompt embeddings: pass a "
                 "prompt-embedding file (safetensors with `prompt_embeds`) as `prompts=`/--prompts")
-        bad = sorted({int(c) for c in conds if c != NULL_CONDITION and not 0 <= int(c) < n})
+        bad = sorted({int(c) for c in conds if not (allow_null and c == NULL_CONDITION) and not 0 <= int(c) < n})
         if bad:
             what = "prompt" if self.text_conditioned else "class"
+            null = f"; {NULL_CONDITION} (the null condition) is not one here" if NULL_CONDITION in bad else ""
             raise TideError(f"unknown {what} id(s) {bad}: valid ids are 0..{n - 1} "
-                            f"({', '.join(self.condition_names[:12])}{', ...' if n > 12 else ''})")
+                            f"({', '.join(self.condition_names[:12])}{', ...' if n > 12 else ''}){null}")
 
     @abc.abstractmethod
     def encode_conditions(self, conds_B: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -150,9 +150,16 @@ class Vocabulary:
             table = load_file(str(directory / WEIGHTS_FILE))["embeddings"]
         except Exception as exc:  # safetensors raises several types for bad files
             raise TideError(f"cannot read the vocabulary's embedding table {directory / WEIGHTS_FILE} ({exc})") from None
-        return cls(words=list(spec["words"]), embeddings_VC=table, max_length=int(spec["max_length"]),
-                   aliases=dict(spec.get("aliases", {})), groups=dict(spec.get("groups", {})),
-                   attributes=dict(spec.get("attributes", {})), end_token=spec.get("end_token", "<end>"))
+        try:
+            words = spec["words"]
+            if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+                raise TypeError("words is not a list of strings")
+            return cls(words=list(words), embeddings_VC=table, max_length=int(spec["max_length"]),
+                       aliases=dict(spec.get("aliases", {})), groups=dict(spec.get("groups", {})),
+                       attributes=dict(spec.get("attributes", {})), end_token=str(spec.get("end_token", "<end>")))
+        except (KeyError, TypeError, ValueError) as exc:
+            what = f"no {exc.args[0]!r} entry" if isinstance(exc, KeyError) else " ".join(str(exc).split())
+            raise TideError(f"{directory / VOCAB_FILE} is damaged ({what}): restore the text encoder's vocab.json") from None
 
     @staticmethod
     def is_vocabulary(directory: str | Path) -> bool:

@@ -81,30 +81,12 @@ def _architecture(cfg: SAEConfig) -> str:
     return {"topk": "topk", "batchtopk": "jumprelu", "relu": "standard", "jumprelu": "jumprelu"}[cfg.sparsity]
 
 
-def export_folded(sae: SAE, path: str | Path, timesteps: Sequence[float]) -> list[Path]:
-    """One plain SAE per timestep, on raw activations, in ``path/t{t}/`` (cfg.json + sae_weights.safetensors)."""
-    path = Path(path)
-    out = []
-    for t in timesteps:
-        folded = sae.fold(float(t))
-        cfg = folded.cfg
-        tensors = {"W_enc": folded.W_enc[0].T.contiguous(), "W_dec": folded.W_dec[0].contiguous(),
-                   "b_enc": folded.b_enc[0].contiguous(), "b_dec": folded.b_dec[0].contiguous()}
-        if cfg.sparsity == "jumprelu":
-            tensors["threshold"] = folded.log_threshold[0].exp().contiguous()
-        if cfg.sparsity == "batchtopk":
-            tensors["threshold"] = folded.threshold[0].expand(cfg.d_sae).contiguous()
-        d = path / f"t{float(t):07.2f}"
-        d.mkdir(parents=True, exist_ok=True)
-        with atomic_path(d / FOLDED_WEIGHTS) as tmp:
-            save_file({k: v.detach().cpu().float() for k, v in tensors.items()}, str(tmp))
-        atomic_write_json(d / CONFIG, {
-            "architecture": _architecture(cfg), "d_in": cfg.d_in, "d_sae": cfg.d_sae, "k": cfg.k if cfg.sparsity == "topk" else None,
-            "hook_name": cfg.hook, "model_name": cfg.backbone, "timestep": float(t), "apply_b_dec_to_input": True,
-            "normalize_activations": "none", "dtype": "float32", "folded_from": "tide.sae",
-            "source_conditioning": sae.cfg.conditioning, "source_normalization": sae.cfg.normalization})
-        out.append(d)
-    return out
+def export_folded(sae: SAE, path: str | Path, timesteps: Sequence[float], overwrite: bool = False) -> list[Path]:
+    """One plain SAE per timestep, on raw activations, in ``path/t{t:07.2f}/`` (cfg.json + sae_weights.safetensors):
+    the SAELens export, :func:`tide.sae.export.export_saelens` (SAELens 6 and 5 load it). Returns the directories."""
+    from tide.sae.export import export_saelens  # that module imports this one
+
+    return export_saelens(sae, path, timesteps, overwrite=overwrite)
 
 
 def load_folded(path: str | Path) -> dict[str, torch.Tensor]:

@@ -27,6 +27,7 @@ import dataclasses
 from typing import Any, Callable, Iterable, Iterator, Union
 
 import torch
+from tqdm.auto import tqdm
 
 from tide.data import ActivationLoader, ActivationStore, LoaderConfig
 from tide.errors import TideError
@@ -78,7 +79,8 @@ def spec_rows(acts: Acts, spec: SAESpec) -> torch.Tensor:
 def dataset_batches(store: ActivationStore, hooks: list[str], cfg: TrainConfig) -> BatchFactory:
     """The shuffled, endless loader over ``store`` as a factory ``batches(start_step)``."""
     loader_cfg = LoaderConfig(hooks=hooks, batch_size=cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer,
-                              seed=cfg.seed, epochs=None, drop_last=True)
+                              seed=cfg.seed, epochs=None, drop_last=True,
+                              verify_checksums=cfg.verify_checksums)
 
     def batches(start_step: int = 0) -> Iterator[Any]:
         it = iter(ActivationLoader(store, loader_cfg))
@@ -86,6 +88,17 @@ def dataset_batches(store: ActivationStore, hooks: list[str], cfg: TrainConfig) 
             next(it)
         return it
     return batches
+
+
+def verify_shards(store: ActivationStore, progress: bool = False) -> None:
+    """Check every shard's SHA-256 against the manifest (each file streamed once per process; the loader's own
+    checks then find them verified), refusing a changed shard with a TideError that names it."""
+    total = sum(s.bytes for s in store.shards)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="verify shard checksums", disable=not progress,
+              leave=False) as bar:
+        for i, shard in enumerate(store.shards):
+            store.verify_checksum(i)
+            bar.update(shard.bytes)
 
 
 def complete_specs(specs: list[SAESpec], store: ActivationStore) -> list[SAESpec]:

@@ -33,7 +33,8 @@ from tide.io import atomic_write_json
 from tide.sae.config import SAEConfig
 from tide.sae.io import save_sae
 from tide.sae.model import SAE
-from tide.train.batches import Acts, BatchSource, complete_specs, dataset_batches, open_source, spec_rows, unpack
+from tide.train.batches import (Acts, BatchSource, complete_specs, dataset_batches, open_source, spec_rows, unpack,
+                                verify_shards)
 from tide.train.checkpoint import CHECKPOINTS, read_checkpoint, restore, save_checkpoint
 from tide.train.config import RESUME_INSENSITIVE, SAESpec, TrainConfig, lr_factor
 from tide.sae.timestep import fit_modulation
@@ -199,6 +200,8 @@ class Trainer:
         config.validate()
         store = ActivationStore(config.data)
         specs = complete_specs(config.saes, store)
+        if config.verify_checksums:  # before the statistics read the rows, and before the run directory is made
+            verify_shards(store, progress=config.progress and os.environ.get("RANK", "0") == "0")
         hooks = sorted({h for s in specs for h in s.input_hooks})
         stats = {}
         for spec in specs:
