@@ -140,8 +140,10 @@ def test_refusals(tiny_dit, device, kw, msg):
         sample_patched(tiny_dit, sae, [0], [1], [1], CFG, **kw)
 
 
-def test_refuses_mismatched_lengths_and_unknown_conditions(tiny_dit, device):
+def test_refuses_mismatched_lengths_unknown_conditions_and_a_wrong_mask(tiny_dit, device):
     sae = make_sae(device)
+    with pytest.raises(TideError, match="the mask covers 9 tokens but blocks.1.hook_resid_post carries 16"):
+        sample_patched(tiny_dit, sae, [0], [1], [1], CFG, mask=torch.ones(3, 3, dtype=torch.bool))
     with pytest.raises(TideError, match="one target and one seed per condition"):
         sample_patched(tiny_dit, sae, [0, 1], [1], [1, 2], CFG)
     with pytest.raises(TideError):
