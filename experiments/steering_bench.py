@@ -207,13 +207,15 @@ class Bench:
         self.log(f"A -> B by patching the hook: {np.mean([c['success'] for c in out]):.0%}")
         return out
 
-    def realism(self):
+    def realism(self, prefix: str = ""):
+        """Per target B: FD of the images steered toward B (``{prefix}null_after``, ``{prefix}pairs_after``) to real B
+        images, over the FD of as many of the model's own B generations."""
         real, labels = load_fashion_mnist("test")
         real = torch.from_numpy(real).float().div(255)[:, None]
         out = {}
         for b in self.classes:
-            steered = torch.cat([self.images["null_after"][b]] + [self.images["pairs_after"][a, b]
-                                                                  for a in self.classes if a != b])
+            steered = torch.cat([self.images[f"{prefix}null_after"][b]] + [self.images[f"{prefix}pairs_after"][a, b]
+                                                                           for a in self.classes if a != b])
             f_real = self.clf.embed(real[torch.from_numpy(labels == b)])
             fd_steer = frechet_distance(self.clf.embed(steered), f_real)
             extra = [s + 1000 * k for k in range(1, len(self.classes)) for s in self.seeds]
@@ -221,7 +223,7 @@ class Bench:
             fd_own = frechet_distance(self.clf.embed(own), f_real)
             out[b] = {"fd_steered": fd_steer, "fd_own": fd_own, "ratio": fd_steer / fd_own,
                       "n_steered": len(steered), "n_own": len(own)}
-        self.log(f"realism: FD ratio steered / own, median {np.median([v['ratio'] for v in out.values()]):.2f}")
+        self.log(f"{prefix}realism: FD ratio steered / own, median {np.median([v['ratio'] for v in out.values()]):.2f}")
         return out
 
     def removal(self):
@@ -339,26 +341,10 @@ class PatchBench(Bench):
                               "neither": float(((pred != a) & (pred != b)).mean()), "still_a": float((pred == a).mean())})
         self.log(f"patch A -> B: {np.mean([c['success'] for c in cells if c['from'] != 'null']):.0%}, neither "
                  f"{np.mean([c['neither'] for c in cells if c['from'] != 'null']):.0%}")
+        self.own = self.images["own"][:, :n]  # the model's own generations on these seeds, for realism
         self.images["patch_null_after"] = null_after.reshape(10, n, *null_after.shape[1:])
         self.images["patch_pairs_after"] = ab
         return cells
-
-    def realism(self):
-        real, labels = load_fashion_mnist("test")
-        real = torch.from_numpy(real).float().div(255)[:, None]
-        own_all = self.images["own"][:, : self.args.n]
-        out = {}
-        for b in self.classes:
-            steered = torch.cat([self.images["patch_null_after"][b]] + [self.images["patch_pairs_after"][a, b]
-                                                                        for a in self.classes if a != b])
-            f_real = self.clf.embed(real[torch.from_numpy(labels == b)])
-            extra = [s + 1000 * k for k in range(1, len(self.classes)) for s in self.seeds]
-            own = torch.cat([own_all[b], self.gen([b] * len(extra), extra)])[: len(steered)]
-            fd_steer, fd_own = frechet_distance(self.clf.embed(steered), f_real), frechet_distance(self.clf.embed(own), f_real)
-            out[str(b)] = {"fd_steered": fd_steer, "fd_own": fd_own, "ratio": fd_steer / fd_own,
-                           "n_steered": len(steered), "n_own": len(own)}
-        self.log(f"patch realism: FD ratio median {np.median([v['ratio'] for v in out.values()]):.2f}")
-        return out
 
     def masked(self, strength):
         from tide.analysis.steering import region_mask
@@ -397,7 +383,8 @@ def run_patch_stage(args):
     bench.log(f"patch strength {strength}")
     cells = bench.pairs(strength)
     res["patch"] = {"args": {k: v for k, v in vars(args).items()}, "strength": strength, "selection": bench.selection,
-                    "cells": cells, "realism": bench.realism(), "masked": bench.masked(strength)}
+                    "cells": cells, "realism": {str(b): v for b, v in bench.realism("patch_").items()},
+                    "masked": bench.masked(strength)}
     res["patch"]["seconds"] = time.time() - started
     res["summary"] = summarise(res)
     return res, bench
