@@ -246,16 +246,20 @@ class Bench:
                      f"{np.mean([r['collateral_points'] for r in rows]):.1f} points")
         return out
 
+    def region(self, region: str):
+        """(token mask over the patch grid, the same mask over the image's pixels) of one half of the image."""
+        from tide.analysis.steering import region_mask
+
+        grid = tuple(self.backbone.patch_grid)
+        tok = region_mask(region, grid)
+        size = self.backbone.decode(torch.zeros(1, *self.backbone.latent_shape())).shape[-2:]
+        return tok, tok.repeat_interleave(size[0] // grid[0], 0).repeat_interleave(size[1] // grid[1], 1)
+
     def masked(self, strength):
         n, seeds = self.args.n, self.seeds
-        grid = tuple(self.backbone.patch_grid)
         out, shown = [], []
         for region in ("left", "upper"):
-            from tide.analysis.steering import region_mask
-
-            tok = region_mask(region, grid)
-            ph, pw = 28 // grid[0], 28 // grid[1]
-            pix = tok.repeat_interleave(ph, 0).repeat_interleave(pw, 1)
+            tok, pix = self.region(region)
             for start in (0, 4, 8):
                 ins, outs = [], []
                 for a in self.classes:
@@ -309,9 +313,10 @@ class PatchBench(Bench):
         n = len(seeds)
         rates = {}
         for st in (float(v) for v in self.args.patch_strengths.split(",")):
-            conds = [NULL_CONDITION] * (n * 10) + [(b + 3) % 10 for b in self.classes for _ in seeds]
+            k = self.num_classes
+            conds = [NULL_CONDITION] * (n * k) + [(b + 3) % k for b in self.classes for _ in seeds]
             targets = [b for b in self.classes for _ in seeds] * 2
-            pred = self.predict(self.patched(conds, targets, seeds * 20, st))
+            pred = self.predict(self.patched(conds, targets, seeds * 2 * k, st))
             rates[st] = float((pred == np.asarray(targets)).mean())
             self.log(f"patch, selection seeds at strength {st}: {rates[st]:.0%} (null -> B and A -> B)")
         self.selection = rates
@@ -321,14 +326,15 @@ class PatchBench(Bench):
         n, seeds = self.args.n, [self.args.seed + i for i in range(self.args.n)]
         self.seeds = seeds
         cells = []
-        null_after = self.patched([NULL_CONDITION] * n * 10, [b for b in self.classes for _ in seeds], seeds * 10,
+        k = self.num_classes
+        null_after = self.patched([NULL_CONDITION] * n * k, [b for b in self.classes for _ in seeds], seeds * k,
                                   strength)
         for b in self.classes:
             pred = self.predict(null_after[b * n:(b + 1) * n])
             cells.append({"from": "null", "to": b, "variant": "patch", "success": float((pred == b).mean()),
                           "neither": float((pred != b).mean())})
         self.log(f"patch null -> B: {np.mean([c['success'] for c in cells]):.0%}")
-        ab = torch.zeros(10, 10, n, *null_after.shape[1:])
+        ab = torch.zeros(k, k, n, *null_after.shape[1:])
         for b in self.classes:
             sources = [a for a in self.classes if a != b]
             after = self.patched([a for a in sources for _ in seeds], [b] * (n * len(sources)), seeds * len(sources),
@@ -342,25 +348,21 @@ class PatchBench(Bench):
         self.log(f"patch A -> B: {np.mean([c['success'] for c in cells if c['from'] != 'null']):.0%}, neither "
                  f"{np.mean([c['neither'] for c in cells if c['from'] != 'null']):.0%}")
         self.own = self.images["own"][:, :n]  # the model's own generations on these seeds, for realism
-        self.images["patch_null_after"] = null_after.reshape(10, n, *null_after.shape[1:])
+        self.images["patch_null_after"] = null_after.reshape(k, n, *null_after.shape[1:])
         self.images["patch_pairs_after"] = ab
         return cells
 
     def masked(self, strength):
-        from tide.analysis.steering import region_mask
-
-        n, seeds, grid = self.args.n, self.seeds, tuple(self.backbone.patch_grid)
+        n, seeds, k = self.args.n, self.seeds, self.num_classes
         own = self.images["own"][:, :n]
         out, shown = [], []
         for region in ("left", "upper"):
-            tok = region_mask(region, grid)
-            ph, pw = 28 // grid[0], 28 // grid[1]
-            pix = tok.repeat_interleave(ph, 0).repeat_interleave(pw, 1)
+            tok, pix = self.region(region)
             for start in (0, 4, 8):
-                after = self.patched([a for a in self.classes for _ in seeds], [(a + 1) % 10 for a in self.classes
-                                                                               for _ in seeds], seeds * 10, strength,
+                after = self.patched([a for a in self.classes for _ in seeds], [(a + 1) % k for a in self.classes
+                                                                               for _ in seeds], seeds * k, strength,
                                      steps=(start, self.args.num_steps), mask=tok)
-                d = (after.reshape(10, n, *after.shape[1:]) - own).abs()[:, :, 0]
+                d = (after.reshape(k, n, *after.shape[1:]) - own).abs()[:, :, 0]
                 ins, outs = float(d[:, :, pix].mean()), float(d[:, :, ~pix].mean())
                 if region == "left":
                     shown.append(after[:8])
