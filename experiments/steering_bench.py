@@ -73,8 +73,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=10_000)
     p.add_argument("--batch-size", type=int, default=200)
     p.add_argument("--out", default=str(RESULTS / "steering_bench"))
-    p.add_argument("--stage", choices=("all", "patch"), default="all",
-                   help="all: every measurement; patch: add the feature-patch recipe to the results at --out")
+    p.add_argument("--stage", choices=("all", "patch", "edits", "effects", "patch-only"), default="all",
+                   help="all: every measurement; patch: add the feature-patch recipe to the results at --out; edits: "
+                        "add removal by feature patch, masked edits that keep the outside, and transfer; effects: add "
+                        "features chosen by causal effect; patch-only: "
+                        "the feature patch and its edits alone, a new result (for a second model)")
+    p.add_argument("--patch-remove-strengths", default="1.5,2,3")
+    p.add_argument("--removal-gate", type=float, default=0.8)
     p.add_argument("--patch-strengths", default="1,1.5,2")
     return p.parse_args(argv)
 
@@ -373,13 +378,295 @@ class PatchBench(Bench):
         return out
 
 
-def run_patch_stage(args):
-    """Add the feature-patch recipe to the results at ``--out`` (made by a full run)."""
+class EditBench(PatchBench):
+    """Removal by feature patch, masked edits that keep the outside, and transfer, on the same seeds and classifier."""
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.compound_words, self.compound = (), {}
+        if not self.words:  # a class-conditional model: no prompts to combine
+            return
+        texts = list(self.backbone.prompts.texts)
+        self.compound_words = ("dark", "large")
+        compound = [f"{w} {texts[c]}" for w in self.compound_words for c in self.classes]
+        from tide.models import load_backbone
+
+        self.backbone = load_backbone(self.sae.cfg.backbone, prompts=texts + compound, device="cpu")
+        self.compound = {(w, c): len(texts) + i * self.num_classes + c for i, w in enumerate(self.compound_words)
+                         for c in self.classes}
+
+    def removed(self, conds, seeds, c, strength, gate):
+        from tide.analysis.feature_patch import sample_removed
+
+        return sample_removed(self.backbone, self.sae, conds, seeds, c, self.cfg, strength=strength, gate=gate).images
+
+    def removal_cells(self, seeds, strength, gate, classes=None):
+        """Per C: how many of C's generations stop being C, and the points the others lose."""
+        n, k = len(seeds), self.num_classes
+        conds = [d for d in self.classes for _ in seeds]
+        base = self.predict(self.gen(conds, seeds * k))
+        agree0 = np.array([(base[d * n:(d + 1) * n] == d).mean() for d in self.classes])
+        out = []
+        for c in classes or self.classes:
+            pred = self.predict(self.removed(conds, seeds * k, c, strength, gate))
+            agree = np.array([(pred[d * n:(d + 1) * n] == d).mean() for d in self.classes])
+            lost = np.delete(agree0 - agree, c)
+            out.append({"variant": "patch", "strength": strength, "gate": gate, "remove": c, "still_c": float(agree[c]),
+                        "still_c_before": float(agree0[c]), "removed": float(1 - agree[c] / max(agree0[c], 1e-9)),
+                        "collateral_points": 100 * float(lost.mean()), "collateral_worst": 100 * float(lost.max())})
+        return out
+
+    def removal(self):
+        sel = [60_000 + i for i in range(4)]
+        scores = {}
+        for st in (float(v) for v in self.args.patch_remove_strengths.split(",")):
+            rows = self.removal_cells(sel, st, self.args.removal_gate)
+            col = float(np.mean([r["collateral_points"] for r in rows]))
+            scores[st] = (col <= 5, float(np.mean([r["removed"] for r in rows])) if col <= 5 else -col)
+            self.log(f"patch removal, selection seeds at strength {st}: removed "
+                     f"{np.mean([r['removed'] for r in rows]):.0%}, collateral {col:.1f} points")
+        strength = max(scores, key=lambda v: (scores[v], -v))
+        rows = self.removal_cells(self.seeds, strength, self.args.removal_gate)
+        self.log(f"patch removal at {strength}: removed {np.mean([r['removed'] for r in rows]):.0%}, collateral "
+                 f"{np.mean([r['collateral_points'] for r in rows]):.1f} points")
+        half = self.seeds[: max(1, len(self.seeds) // 2)]
+        ungated = self.removal_cells(half, strength, 0.0)
+        self.log(f"patch removal ungated (gate 0): removed {np.mean([r['removed'] for r in ungated]):.0%}, collateral "
+                 f"{np.mean([r['collateral_points'] for r in ungated]):.1f} points")
+        return {"strength": strength, "gate": self.args.removal_gate, "selection": {str(k): v for k, v in scores.items()},
+                "cells": rows, "ungated": ungated,
+                "compound": self.removal_compound(strength) if self.compound else []}
+
+    def removal_compound(self, strength):
+        """Removal of C from prompts that hold C and another word ("dark C", "large C"): does the gate still see C,
+        and does it leave "dark A" alone?"""
+        seeds = self.seeds[:5]
+        n = len(seeds)
+        out = []
+        for w in self.compound_words:
+            conds = [self.compound[(w, d)] for d in self.classes for _ in seeds]
+            base = self.predict(self.gen(conds, seeds * self.num_classes))
+            agree0 = np.array([(base[d * n:(d + 1) * n] == d).mean() for d in self.classes])
+            for c in self.classes:
+                pred = self.predict(self.removed(conds, seeds * self.num_classes, self.compound[(w, c)], strength,
+                                                 self.args.removal_gate))
+                agree = np.array([(pred[d * n:(d + 1) * n] == d).mean() for d in self.classes])
+                lost = np.delete(agree0 - agree, c)
+                out.append({"word": w, "remove": c, "still_c_before": float(agree0[c]), "still_c": float(agree[c]),
+                            "removed": float(1 - agree[c] / max(agree0[c], 1e-9)),
+                            "collateral_points": 100 * float(lost.mean())})
+                # the same generations with the plain class C removed (the gate compares against "C", not "w C")
+                pred = self.predict(self.removed(conds[c * n:(c + 1) * n], seeds, c, strength, self.args.removal_gate))
+                out[-1]["removed_by_plain_c"] = float(1 - (pred == c).mean() / max(agree0[c], 1e-9))
+            rows = [r for r in out if r["word"] == w]
+            self.log(f"patch removal of '{w} C' from '{w} *': removed {np.mean([r['removed'] for r in rows]):.0%}, "
+                     f"collateral {np.mean([r['collateral_points'] for r in rows]):.1f}; of plain C from '{w} C': "
+                     f"{np.mean([r['removed_by_plain_c'] for r in rows]):.0%}")
+        return out
+
+    def masked_kept(self, strength):
+        """Masked A -> A+1 with the outside kept (latent blending): what changes inside, outside, and how often the
+        classifier calls the result A+1, beside the same edit without it."""
+        n, seeds, k = self.args.n, self.seeds, self.num_classes
+        own = self.gen([a for a in self.classes for _ in seeds], seeds * k)  # exact, not the stored uint8 images
+        own = own.reshape(k, n, *own.shape[1:])
+        out, shown = [], []
+        for region in ("left", "upper"):
+            tok, pix = self.region(region)
+            for start in (0, 4, 8):
+                targets = [(a + 1) % k for a in self.classes for _ in seeds]
+                for keep in (False, True):
+                    after = self.patched([a for a in self.classes for _ in seeds], targets, seeds * k, strength,
+                                         steps=(start, self.args.num_steps), mask=tok, keep_outside=keep)
+                    d = (after.reshape(k, n, *after.shape[1:]) - own).abs()[:, :, 0]
+                    ins, outs = float(d[:, :, pix].mean()), float(d[:, :, ~pix].mean())
+                    pred = self.predict(after)
+                    if region == "left" and keep:
+                        shown.append(after[:8])
+                    out.append({"region": region, "from_step": start, "keep_outside": keep, "inside": ins,
+                                "outside": outs, "outside_over_inside": outs / ins,
+                                "called_target": float((pred == np.asarray(targets)).mean())})
+                    self.log(f"patch masked {region} from {start}, keep_outside={keep}: outside/inside "
+                             f"{outs / ins:.2f}, called A+1 {out[-1]['called_target']:.0%}")
+        self.images["patch_masked_kept_left_0to1"] = torch.stack(shown)
+        return out
+
+
+    def transfer(self):
+        """Copy a reference generation's features, token by token and step by step, into a class generation (the
+        error term kept): does the reference's attribute arrive? References: "dark A" / "small A" from other seeds,
+        or from the same seed. Records how the copied features' magnitude evolves (the sample's mean |z| over the
+        reference's, at the first and last edited step)."""
+        from tide.analysis import feature_patch as fp
+        from tide.hooks import HookedBackbone
+        from tide.analysis.steering_profile import measure_profile
+
+        if not self.compound:
+            return None
+        seeds = [60_000 + i for i in range(6)]
+        k, n = self.num_classes, len(seeds)
+        conds = [c for c in self.classes for _ in seeds]
+        plain = self.gen(conds, seeds * k)
+        kept_plain = float((self.predict(plain) == np.asarray(conds)).mean())
+        hooked = HookedBackbone.of(self.backbone)
+        words = [w for w in self.compound_words]
+        vocab_ids = {w: self.words[w] for w in words}
+        prof = measure_profile(self.backbone, self.sae, list(vocab_ids.values()), self.cfg, num_samples=8, keep=64,
+                               progress=False)
+        rows = []
+        for w in words:
+            group = [g for g, ws in WORDS.items() if w in ws][0]
+            meas = MEASURES[group]
+            ref_conds = [self.compound[(w, c)] for c in conds]
+            top = prof.condition(vocab_ids[w]).features_M.tolist()
+            for same_seed in (False, True):
+                ref_seeds = seeds * k if same_seed else [s + 500 for s in seeds * k]
+                ref = self.gen(ref_conds, ref_seeds)
+                m0, mr = meas(plain), meas(ref)
+                for feats, label, steps in ((None, "all", (0, self.args.num_steps)),
+                                            (None, "all", (self.args.num_steps // 2, self.args.num_steps)),
+                                            (top, f"top 64 of the '{w}' shift", (0, self.args.num_steps))):
+                    ratio = []
+
+                    def rule(z, z_refs, t, ratio=ratio, feats=feats):
+                        sel = slice(None) if feats is None else feats
+                        ratio.append(float(z[..., sel].abs().mean() / z_refs[0][..., sel].abs().mean().clamp(min=1e-9)))
+                        return z_refs[0] - z
+
+                    fe = None if feats is None else torch.as_tensor(feats)
+                    x = fp._patched_batch(self.backbone, hooked, self.sae, conds, [ref_conds], seeds * k,
+                                          list(range(len(conds))), self.cfg, 1.0, None, fe, steps, None,
+                                          _NoBar(), rule=rule, ref_seeds=[ref_seeds])
+                    after = self.backbone.decode(x)
+                    ma = meas(after)
+                    moved = (mr - m0).abs() > 1e-6  # the reference differs from the sample in the attribute
+                    gap = ((ma - m0) / (mr - m0))[moved]
+                    rows.append({"word": w, "group": group, "same_seed": same_seed, "features": label,
+                                 "steps": list(steps), "right_way": float(((ma - m0) * (mr - m0) > 0)[moved].float().mean()),
+                                 "gap_closed_median": float(gap.median()),
+                                 "class_kept": float((self.predict(after) == np.asarray(conds)).mean()),
+                                 "class_kept_plain": kept_plain, "pixel_change": float((after - plain).abs().mean()),
+                                 "z_over_reference_first": ratio[0], "z_over_reference_last": ratio[-1]})
+                    self.log(f"transfer {w} ({'same' if same_seed else 'other'} seed, {label}, steps {steps}): right "
+                             f"way {rows[-1]['right_way']:.0%}, class kept {rows[-1]['class_kept']:.0%}, |z| ratio "
+                             f"{ratio[0]:.2f} -> {ratio[-1]:.2f}")
+        how = ("6 seeds per class (60000..); reference \"w A\" generated from other seeds (+500) or the same seed; "
+               "gap closed = (attribute after - before) / (reference - before), per image where the reference differs from the sample. |z| ratio: the sample's "
+               "mean |z| of the copied features over the reference's, first -> last edited step.")
+        return {"how": how, "rows": rows}
+
+
+    def effects(self, strength, keep: int = 8, candidates: int = 32):
+        """Features chosen by causal effect: for each B, the ``candidates`` features of largest null -> B shift mass
+        (a steering profile over 8 null generations) are each patched alone into 4 null generations (seeds 60000..)
+        and ranked by how much they raise the classifier's probability of B; then null -> B on the test seeds with
+        only the ``keep`` best by effect, against the ``keep`` largest by shift mass."""
+        from tide.analysis.feature_patch import feature_effects
+        from tide.analysis.steering_profile import measure_profile
+        from tide.device import eval_mode
+
+        prof = measure_profile(self.backbone, self.sae, self.classes, self.cfg, num_samples=8, keep=candidates,
+                               progress=False)
+        sel = [60_000 + i for i in range(4)]
+        n, seeds = len(self.seeds), self.seeds
+        rows = []
+        for b in self.classes:
+            cands = prof.condition(b).features_M.tolist()
+
+            def score(images, b=b):
+                with eval_mode(self.clf):
+                    return torch.softmax(self.clf(images), -1)[:, b].cpu()
+
+            eff = feature_effects(self.backbone, self.sae, [NULL_CONDITION] * len(sel), sel, b, cands, score, self.cfg,
+                                  strength=strength)
+            by_effect = [cands[i] for i in eff.argsort(descending=True)[:keep].tolist()]
+            by_mass = cands[:keep]
+            row = {"to": b, "candidates": cands, "effects": eff.tolist(), "by_effect": by_effect, "by_mass": by_mass}
+            for name, feats in (("by_effect", by_effect), ("by_mass", by_mass)):
+                got = self.patched([NULL_CONDITION] * n, [b] * n, seeds, strength, features=feats)
+                row[f"success_{name}"] = float((self.predict(got) == b).mean())
+            rows.append(row)
+            self.log(f"null -> {b} with {keep} features: by effect {row['success_by_effect']:.0%}, by shift mass "
+                     f"{row['success_by_mass']:.0%}; best single-feature effect {float(eff.max()):+.2f}")
+        return {"keep": keep, "candidates": candidates, "rows": rows}
+
+
+    def removal_realism(self, strengths=(1.0, 2.0)):
+        """Do removed generations still look like real items? Per image, the distance in the classifier's features to
+        its nearest real test image (any class); the median over C's removed generations, over the same median for
+        the model's own generations (all classes, the same seeds). Also the Fréchet distance of all removed
+        generations to the real test set over the own generations'."""
+        real, _ = load_fashion_mnist("test")
+        f_real = self.clf.embed(torch.from_numpy(real).float().div(255)[:, None])
+        n, k = len(self.seeds), self.num_classes
+        own = self.gen([c for c in self.classes for _ in self.seeds], self.seeds * k)
+        f_own = self.clf.embed(own)
+
+        def nearest(f):
+            return torch.cat([torch.cdist(f[i:i + 200], f_real).min(1).values for i in range(0, len(f), 200)])
+
+        own_nn = float(nearest(f_own).median())
+        fd_own = frechet_distance(f_own, f_real)
+        out = {"own_nearest_median": own_nn, "fd_own": fd_own, "strengths": {}}
+        for st in strengths:
+            removed = torch.cat([self.removed([c] * n, self.seeds, c, st, self.args.removal_gate) for c in self.classes])
+            f_rem = self.clf.embed(removed)
+            nn_ = nearest(f_rem)
+            per_c = [float(nn_[c * n:(c + 1) * n].median()) / own_nn for c in self.classes]
+            out["strengths"][str(st)] = {"nearest_ratio_per_c": per_c,
+                                         "nearest_ratio": float(nn_.median()) / own_nn,
+                                         "fd_ratio": frechet_distance(f_rem, f_real) / fd_own,
+                                         "still_c": float((self.predict(removed) == np.repeat(self.classes, n)).mean())}
+            self.images[f"patch_removed_{st:g}"] = removed.reshape(k, n, *removed.shape[1:])
+            self.log(f"removal at {st}: nearest-real distance {out['strengths'][str(st)]['nearest_ratio']:.2f}x the "
+                     f"model's own, FD {out['strengths'][str(st)]['fd_ratio']:.2f}x")
+        return out
+
+
+class _NoBar:
+    def update(self, *_):
+        pass
+
+
+def _load_result(args, cls):
+    """The result and images at ``--out`` (made by a full run), and a ``cls`` bench holding those images."""
     out = Path(args.out)
     res = json.loads(out.with_suffix(".json").read_text())
-    bench = PatchBench(args)
+    bench = cls(args)
     with np.load(out.with_name(out.name + "_images.npz")) as z:
         bench.images = {k: torch.from_numpy(z[k]).float().div(255) for k in z.files if k not in ("seeds", "note")}
+    return res, bench
+
+
+def run_edits_stage(args):
+    """Add removal by feature patch, masked edits that keep the outside, and transfer to the results at ``--out``."""
+    res, bench = _load_result(args, EditBench)
+    started = time.time()
+    bench.seeds = [args.seed + i for i in range(args.n)]
+    strength = res["patch"]["strength"]
+    res["edits"] = {"args": {k: v for k, v in vars(args).items()}, "removal": bench.removal(),
+                    "masked_kept": bench.masked_kept(strength), "transfer": bench.transfer()}
+    res["edits"]["seconds"] = time.time() - started
+    res["summary"] = summarise(res)
+    return res, bench
+
+
+def run_effects_stage(args):
+    """Add features chosen by causal effect (against shift mass) and the realism of removed generations to the edits
+    of the results at ``--out``."""
+    res, bench = _load_result(args, EditBench)
+    started = time.time()
+    bench.seeds = [args.seed + i for i in range(args.n)]
+    res["edits"]["removal_realism"] = bench.removal_realism((1.0, res["edits"]["removal"]["strength"]))
+    res["edits"]["effects"] = bench.effects(res["patch"]["strength"])
+    res["edits"]["effects"]["seconds"] = time.time() - started
+    res["summary"] = summarise(res)
+    return res, bench
+
+
+def run_patch_stage(args):
+    """Add the feature-patch recipe to the results at ``--out`` (made by a full run)."""
+    res, bench = _load_result(args, PatchBench)
     started = time.time()
     strength = bench.choose_strength()
     bench.log(f"patch strength {strength}")
@@ -392,7 +679,33 @@ def run_patch_stage(args):
     return res, bench
 
 
+def run_patch_only(args):
+    """The feature-patch recipe and its edits on a model of its own (no profile stage): a new result at ``--out``."""
+    bench = EditBench(args)
+    started = time.time()
+    n, k = args.n, bench.num_classes
+    bench.seeds = seeds = [args.seed + i for i in range(n)]
+    own = bench.gen([a for a in bench.classes for _ in seeds], seeds * k)
+    bench.images = {"own": own.reshape(k, n, *own.shape[1:])}
+    res = {"what": __doc__.split("\n\n")[0], "args": vars(args), "backbone": bench.sae.cfg.backbone,
+           "own_agreement": {str(a): float((bench.predict(bench.images["own"][a]) == a).mean()) for a in bench.classes}}
+    strength = bench.choose_strength()
+    bench.log(f"patch strength {strength}")
+    res["patch"] = {"args": vars(args), "strength": strength, "selection": bench.selection,
+                    "cells": bench.pairs(strength)}
+    res["patch"]["realism"] = {str(b): v for b, v in bench.realism("patch_").items()}
+    res["patch"]["masked"] = bench.masked(strength)
+    res["edits"] = {"removal": bench.removal(), "masked_kept": bench.masked_kept(strength), "transfer": bench.transfer(),
+                    "effects": bench.effects(strength)}
+    res["edits"]["removal_realism"] = bench.removal_realism((1.0, res["edits"]["removal"]["strength"]))
+    res["seconds"] = time.time() - started
+    res["summary"] = summarise(res)
+    return res, bench
+
+
 def summarise(res: dict) -> dict:
+    if "cells" not in res:  # patch-only
+        return {**_patch_summary(res), "own_b_agreement": float(np.mean(list(res["own_agreement"].values())))}
     cells = res["cells"]
     null = [c for c in cells if c["from"] == "null"]
     ab = [c for c in cells if c["from"] != "null" and c["variant"] == "A->B"]
@@ -408,19 +721,7 @@ def summarise(res: dict) -> dict:
 
     best = max(groups, key=score)
     chosen = [r for r in rem if (r["variant"], r["strength"]) == best]
-    patch = {}
-    if "patch" in res:
-        pc = res["patch"]["cells"]
-        pab = [c for c in pc if c["from"] != "null"]
-        patch = {"patch_strength": res["patch"]["strength"],
-                 "patch_null_to_b_success": float(np.mean([c["success"] for c in pc if c["from"] == "null"])),
-                 "patch_a_to_b_success": float(np.mean([c["success"] for c in pab])),
-                 "patch_a_to_b_neither": float(np.mean([c["neither"] for c in pab])),
-                 "patch_a_to_b_pairs_at_least_70": int(sum(c["success"] >= 0.7 for c in pab)),
-                 "patch_realism_ratio_median": float(np.median([v["ratio"] for v in res["patch"]["realism"].values()])),
-                 "patch_realism_ratio_max": float(np.max([v["ratio"] for v in res["patch"]["realism"].values()])),
-                 "patch_masked_outside_over_inside": [m["outside_over_inside"] for m in res["patch"]["masked"]]}
-    return {**patch,
+    return {**_patch_summary(res),
         "null_to_b_success": float(np.mean([c["success"] for c in null])),
         "a_to_b_success": float(np.mean([c["success"] for c in ab])),
         "a_to_b_neither": float(np.mean([c["neither"] for c in ab])),
@@ -435,6 +736,32 @@ def summarise(res: dict) -> dict:
         "removal_removed": float(np.mean([r["removed"] for r in chosen])),
         "removal_collateral_points": float(np.mean([r["collateral_points"] for r in chosen])),
     }
+
+
+def _patch_summary(res: dict) -> dict:
+    patch = {}
+    if "patch" in res:
+        pc = res["patch"]["cells"]
+        pab = [c for c in pc if c["from"] != "null"]
+        patch = {"patch_strength": res["patch"]["strength"],
+                 "patch_null_to_b_success": float(np.mean([c["success"] for c in pc if c["from"] == "null"])),
+                 "patch_a_to_b_success": float(np.mean([c["success"] for c in pab])),
+                 "patch_a_to_b_neither": float(np.mean([c["neither"] for c in pab])),
+                 "patch_a_to_b_pairs_at_least_70": int(sum(c["success"] >= 0.7 for c in pab)),
+                 "patch_realism_ratio_median": float(np.median([v["ratio"] for v in res["patch"]["realism"].values()])),
+                 "patch_realism_ratio_max": float(np.max([v["ratio"] for v in res["patch"]["realism"].values()])),
+                 "patch_masked_outside_over_inside": [m["outside_over_inside"] for m in res["patch"]["masked"]]}
+    edits = {}
+    if "edits" in res:
+        R = res["edits"]["removal"]
+        edits = {"patch_removal_strength": R["strength"], "patch_removal_gate": R["gate"],
+                 "patch_removal_removed": float(np.mean([r["removed"] for r in R["cells"]])),
+                 "patch_removal_collateral_points": float(np.mean([r["collateral_points"] for r in R["cells"]])),
+                 "patch_removal_ungated_removed": float(np.mean([r["removed"] for r in R["ungated"]])),
+                 "patch_removal_ungated_collateral_points": float(np.mean([r["collateral_points"] for r in R["ungated"]])),
+                 "patch_masked_kept_outside_over_inside": [m["outside_over_inside"] for m in res["edits"]["masked_kept"]
+                                                           if m["keep_outside"]]}
+    return {**patch, **edits}
 
 
 def write_markdown(res: dict, path: Path, names: list[str]):
@@ -461,8 +788,15 @@ def write_markdown(res: dict, path: Path, names: list[str]):
              f"| masked edits, outside / inside (left, upper × from step 0, 4, 8) | "
              + ", ".join(f"{m['outside_over_inside']:.2f}" for m in res["masked"]) + " | "
              + (", ".join(f"{v:.2f}" for v in ps["masked_outside_over_inside"]) if ps else "–") + " | ≤ 0.15 |",
-             f"| removal of C ({s['removal_best']}) | {s['removal_removed']:.1%} removed | – | ≥ 90% |",
-             f"| removal collateral on other classes | {s['removal_collateral_points']:.1f} points | – | ≤ 5 |", "",
+             "| masked edits keeping the outside (latent blending), outside / inside | – | "
+             + (", ".join(f"{v:.3f}" for v in ps["masked_kept_outside_over_inside"])
+                if "masked_kept_outside_over_inside" in ps else "–") + " | ≤ 0.15 |",
+             f"| removal of C (profile: {s['removal_best']}; patch: strength {ps.get('removal_strength', '–')}, gate "
+             f"{ps.get('removal_gate', '–')}) | {s['removal_removed']:.1%} removed | "
+             + (f"{ps['removal_removed']:.1%} removed" if "removal_removed" in ps else "–") + " | ≥ 90% |",
+             f"| removal collateral on other classes | {s['removal_collateral_points']:.1f} points | "
+             + (f"{ps['removal_collateral_points']:.1f} points (ungated: {ps['removal_ungated_collateral_points']:.1f}, "
+                f"removing {ps['removal_ungated_removed']:.0%})" if "removal_removed" in ps else "–") + " | ≤ 5 |", "",
              "References on the same seeds:", "",
              f"- A → B with the null → B minus null → A profile shifts: {s['a_to_b_null_shifts_success']:.1%} "
              f"(neither {s['a_to_b_null_shifts_neither']:.1%});",
@@ -481,14 +815,8 @@ def write_markdown(res: dict, path: Path, names: list[str]):
             row.append(f"{c[0]['success']:.0%}" if c else "–")
         lines.append(f"| {a if a == 'null' else names[a]} | " + " | ".join(row) + " |")
     if P:
-        lines += ["", "## Success per cell, feature patch (rows: from; columns: toward B)", "",
-                  "| from \\ to | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-        for a in ["null"] + list(range(len(names))):
-            row = []
-            for b in range(len(names)):
-                c = [x for x in P["cells"] if x["from"] == a and x["to"] == b]
-                row.append(f"{c[0]['success']:.0%}" if c else "–")
-            lines.append(f"| {a if a == 'null' else names[a]} | " + " | ".join(row) + " |")
+        lines += ["", "## Success per cell, feature patch (rows: from; columns: toward B)", ""]
+        lines += patch_matrix(P["cells"], names)
     lines += ["", "## Removal", "", "| edit | strength | still C (before) | removed | collateral (mean / worst points) |",
               "|---|---|---|---|---|"]
     for v_, s_ in sorted({(r["variant"], r["strength"]) for r in res["removal"]}):
@@ -511,6 +839,9 @@ def write_markdown(res: dict, path: Path, names: list[str]):
         for m in P["masked"]:
             lines.append(f"| {m['region']} | {m['from_step']} | {m['inside']:.3f} | {m['outside']:.3f} | "
                          f"{m['outside_over_inside']:.2f} |")
+    E = res.get("edits")
+    if E:
+        lines += edits_markdown(E, names)
     lines += ["", "## Realism per target class", "", "| B | FD own | FD profile-steered | ratio | FD patch-steered | ratio |",
               "|---|---|---|---|---|---|"]
     for b, v in res["realism"].items():
@@ -518,6 +849,116 @@ def write_markdown(res: dict, path: Path, names: list[str]):
         lines.append(f"| {names[int(b)]} | {v['fd_own']:.2f} | {v['fd_steered']:.2f} | {v['ratio']:.2f} | "
                      + (f"{pv['fd_steered']:.2f} | {pv['ratio']:.2f} |" if pv else "– | – |"))
     path.write_text("\n".join(lines) + "\n")
+
+
+def patch_matrix(cells: list[dict], names: list[str]) -> list[str]:
+    """The success table of the feature patch: rows from (null, then each class), columns toward B."""
+    lines = ["| from \\ to | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for a in ["null"] + list(range(len(names))):
+        row = []
+        for b in range(len(names)):
+            c = [x for x in cells if x["from"] == a and x["to"] == b]
+            row.append(f"{c[0]['success']:.0%}" if c else "–")
+        lines.append(f"| {a if a == 'null' else names[a]} | " + " | ".join(row) + " |")
+    return lines
+
+
+def write_patch_only_markdown(res: dict, path: Path, names: list[str]):
+    s, P = res["summary"], res["patch"]
+    ps = {k[len("patch_"):]: v for k, v in s.items() if k.startswith("patch_")}
+    lines = [f"# Steering benchmark, feature patch only: `{res['backbone']}` (`experiments/steering_bench.py --stage "
+             "patch-only`)", "",
+             f"SAE `{res['args']['sae']}`; {res['args']['n']} generations per cell (seeds {res['args']['seed']}..). Patch "
+             f"strength {P['strength']} chosen on seeds 60000.. from {P['selection']}. The model's own B generations are "
+             f"called B {s['own_b_agreement']:.1%} of the time (the ceiling of every success rate).", "",
+             "| measure | patch | aim |", "|---|---|---|",
+             f"| null → B success | {ps['null_to_b_success']:.1%} | ≥ 90% |",
+             f"| A → B success, 90 pairs | {ps['a_to_b_success']:.1%} ({ps['a_to_b_pairs_at_least_70']} pairs ≥ 70%) | ≥ 70% |",
+             f"| A → B neither-class rate | {ps['a_to_b_neither']:.1%} | ≤ 15% |",
+             f"| realism: FD ratio to the model's own B, median [worst] | {ps['realism_ratio_median']:.2f} "
+             f"[{ps['realism_ratio_max']:.2f}] | ≤ 2 |",
+             "| masked edits, outside / inside | " + ", ".join(f"{v:.2f}" for v in ps["masked_outside_over_inside"])
+             + " | ≤ 0.15 |",
+             "| masked edits keeping the outside | " + ", ".join(f"{v:.3f}" for v in ps["masked_kept_outside_over_inside"])
+             + " | ≤ 0.15 |",
+             f"| removal (strength {ps['removal_strength']}, gate {ps['removal_gate']}) | {ps['removal_removed']:.1%} removed, "
+             f"{ps['removal_collateral_points']:.1f} points collateral (ungated: {ps['removal_ungated_removed']:.0%}, "
+             f"{ps['removal_ungated_collateral_points']:.1f} points) | ≥ 90%, ≤ 5 |", "",
+             "## Success per cell (rows: from; columns: toward B)", ""]
+    lines += patch_matrix(P["cells"], names)
+    lines += edits_markdown(res["edits"], names)
+    lines += ["", "## Realism per target class", "", "| B | FD own | FD patch-steered | ratio |", "|---|---|---|---|"]
+    for b, v in P["realism"].items():
+        lines.append(f"| {names[int(b)]} | {v['fd_own']:.2f} | {v['fd_steered']:.2f} | {v['ratio']:.2f} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def edits_markdown(E: dict, names: list[str]) -> list[str]:
+    R = E["removal"]
+    lines = ["", f"## Removal by feature patch (strength {R['strength']}, gate {R['gate']}; chosen on seeds 60000.. from "
+             f"{R['selection']})", "",
+             "Each generation's features are compared with C's, relative to the null caption, on its own latents "
+             "(cosine over tokens and features); above the gate they are pushed through the null's features and "
+             "beyond. The gate is a detector, so the collateral below is what it lets through; the ungated row "
+             "edits every generation the same way (half the seeds).", "",
+             "| C | still C before | still C after | removed | collateral (mean / worst points) | ungated: removed | "
+             "ungated: collateral |", "|---|---|---|---|---|---|---|"]
+    for r, u in zip(R["cells"], R["ungated"]):
+        lines.append(f"| {names[r['remove']]} | {r['still_c_before']:.0%} | {r['still_c']:.0%} | {r['removed']:.0%} | "
+                     f"{r['collateral_points']:.1f} / {r['collateral_worst']:.0f} | {u['removed']:.0%} | "
+                     f"{u['collateral_points']:.1f} |")
+    m = lambda rows, k: float(np.mean([r[k] for r in rows]))  # noqa: E731
+    lines.append(f"| **mean** | {m(R['cells'], 'still_c_before'):.0%} | {m(R['cells'], 'still_c'):.0%} | "
+                 f"**{m(R['cells'], 'removed'):.1%}** | **{m(R['cells'], 'collateral_points'):.1f}** / "
+                 f"{max(r['collateral_worst'] for r in R['cells']):.0f} | {m(R['ungated'], 'removed'):.0%} | "
+                 f"{m(R['ungated'], 'collateral_points'):.1f} |")
+    RR = E.get("removal_realism")
+    if RR:
+        lines += ["", "Do removed generations still look like real items? Median distance, in the classifier's features, "
+                  "from each removed generation of C to its nearest real test image (any class), over the same median "
+                  f"for the model's own generations ({RR['own_nearest_median']:.2f}); and the Fréchet distance of all "
+                  "removed generations to the real test set over the own generations':", "",
+                  "| strength | " + " | ".join(names) + " | all | FD ratio | still C |", "|---" * (len(names) + 4) + "|"]
+        for st, v in RR["strengths"].items():
+            lines.append(f"| {st} | " + " | ".join(f"{x:.2f}" for x in v["nearest_ratio_per_c"])
+                         + f" | **{v['nearest_ratio']:.2f}** | {v['fd_ratio']:.2f} | {v['still_c']:.0%} |")
+    lines += [] if not R["compound"] else ["", "Beyond the exact prompt: C removed from generations of \"w C\" (5 seeds per class), as \"w C\" "
+              "and as the plain class C; collateral on the other \"w A\":", "",
+              "| word | removed (gate vs \"w C\") | collateral | removed (gate vs plain C) |", "|---|---|---|---|"]
+    for w in sorted({r["word"] for r in R["compound"]}):
+        rows = [r for r in R["compound"] if r["word"] == w]
+        lines.append(f"| {w} | {m(rows, 'removed'):.0%} | {m(rows, 'collateral_points'):.1f} | "
+                     f"{m(rows, 'removed_by_plain_c'):.0%} |")
+    lines += ["", "## Masked edits that keep the outside (feature patch A → A+1, with and without latent blending)",
+              "", "| region | from step | keep outside | |Δpixel| inside | outside | outside / inside | called A+1 |",
+              "|---|---|---|---|---|---|---|"]
+    for r in E["masked_kept"]:
+        lines.append(f"| {r['region']} | {r['from_step']} | {'yes' if r['keep_outside'] else 'no'} | {r['inside']:.3f} | "
+                     f"{r['outside']:.4f} | {r['outside_over_inside']:.3f} | {r['called_target']:.0%} |")
+    F = E.get("effects")
+    if F:
+        lines += ["", f"## Features chosen by causal effect (null → B patched in {F['keep']} features only)", "",
+                  f"Candidates: the {F['candidates']} features of largest null → B shift mass; each patched alone into 4 "
+                  "null generations (seeds 60000..) and ranked by the rise in the classifier's probability of B. "
+                  "Success on the test seeds with the best by effect, against the largest by shift mass:", "",
+                  "| B | by effect | by shift mass | best single-feature effect (probability) |", "|---|---|---|---|"]
+        for r in F["rows"]:
+            lines.append(f"| {names[r['to']]} | {r['success_by_effect']:.0%} | {r['success_by_mass']:.0%} | "
+                         f"{max(r['effects']):+.2f} |")
+        lines.append(f"| **mean** | **{np.mean([r['success_by_effect'] for r in F['rows']]):.1%}** | "
+                     f"{np.mean([r['success_by_mass'] for r in F['rows']]):.1%} | |")
+    T = E.get("transfer")
+    if T:
+        lines += ["", "## Transfer (a reference generation's features copied token by token into another, error term "
+                  "kept)", "", T["how"], "",
+                  "| reference | seed | steps | features | moved toward the reference | gap closed (median) | "
+                  "class kept (plain) | mean |Δpixel| | |z| ratio first → last |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in T["rows"]:
+            lines.append(f"| {r['word']} A | {'same' if r['same_seed'] else 'other'} | {r['steps'][0]}–{r['steps'][1]} | "
+                         f"{r['features']} | {r['right_way']:.0%} | {r['gap_closed_median']:.2f} | {r['class_kept']:.0%} "
+                         f"({r['class_kept_plain']:.0%}) | {r['pixel_change']:.3f} | {r['z_over_reference_first']:.2f} → "
+                         f"{r['z_over_reference_last']:.2f} |")
+    return lines
 
 
 def figure(res: dict, images: dict, path: Path, names: list[str]):
@@ -538,7 +979,7 @@ def figure(res: dict, images: dict, path: Path, names: list[str]):
         return m
 
     panels = [("profile (mean shift)", matrix(res["cells"], "A->B"), res["summary"]["null_to_b_success"],
-               res["summary"]["a_to_b_success"], res["summary"]["a_to_b_neither"])]
+               res["summary"]["a_to_b_success"], res["summary"]["a_to_b_neither"])] if "cells" in res else []
     if "patch" in res:
         s = res["summary"]
         panels.append(("feature patch", matrix(res["patch"]["cells"], "patch"), s["patch_null_to_b_success"],
@@ -561,11 +1002,15 @@ def figure(res: dict, images: dict, path: Path, names: list[str]):
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     # example images: null before, null -> B, then for A = 0..3 the A generation and A -> each B
-    rows, labels = [torch.stack([images["null_before"][b % len(images["null_before"])] for b in range(k)]),
-                    torch.stack([images["null_after"][b, 0] for b in range(k)])], ["null", "null→B"]
-    for a in range(4):
-        rows.append(torch.stack([images["own"][a, 0] if b == a else images["pairs_after"][a, b, 0] for b in range(k)]))
-        labels.append(f"{names[a]}→B")
+    rows, labels = [], []
+    if "null_before" in images:
+        rows += [torch.stack([images["null_before"][b % len(images["null_before"])] for b in range(k)]),
+                 torch.stack([images["null_after"][b, 0] for b in range(k)])]
+        labels += ["null", "null→B"]
+        for a in range(4):
+            rows.append(torch.stack([images["own"][a, 0] if b == a else images["pairs_after"][a, b, 0]
+                                     for b in range(k)]))
+            labels.append(f"{names[a]}→B")
     if "patch_pairs_after" in images:
         rows.append(torch.stack([images["patch_null_after"][b, 0] for b in range(k)]))
         labels.append("null→B patch")
@@ -580,8 +1025,9 @@ def figure(res: dict, images: dict, path: Path, names: list[str]):
 def main(argv=None):
     args = parse_args(argv)
     torch.set_grad_enabled(False)
-    if args.stage == "patch":
-        res, bench = run_patch_stage(args)
+    if args.stage in ("patch", "edits", "effects", "patch-only"):
+        res, bench = {"patch": run_patch_stage, "edits": run_edits_stage, "effects": run_effects_stage,
+                      "patch-only": run_patch_only}[args.stage](args)
         return write(res, bench, args)
     bench = Bench(args)
     bench.measure()
@@ -606,7 +1052,7 @@ def write(res, bench, args):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
     names = bench.clf.class_names
-    write_markdown(res, out.with_suffix(".md"), names)
+    (write_markdown if "cells" in res else write_patch_only_markdown)(res, out.with_suffix(".md"), names)
     figure(res, bench.images, out.with_suffix(".png"), names)
     np.savez_compressed(out.with_name(out.name + "_images.npz"),
                         **{k: (v.clamp(0, 1) * 255).round().to(torch.uint8).numpy() for k, v in bench.images.items()},

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tide.analysis.feature_patch import sample_patched
+from tide.analysis.feature_patch import feature_effects, sample_patched, sample_removed, sample_transferred
 from tide.errors import TideError
 from tide.hooks import HookedBackbone, step_context
 from tide.models.base import NULL_CONDITION
@@ -26,14 +26,14 @@ def make_sae(device, conditioning="tide", target="activation", k=8):
     return sae.to(device).eval()
 
 
-def one_step_reference(backbone, sae, conds, targets, seeds, keep=None):
+def one_step_reference(backbone, sae, conds, targets, seeds, keep=None, ref_seeds=None):
     """One patched step computed another way: both activations from run_with_cache, the patch as the difference of
     the SAE's reconstructions (restricted to ``keep`` features by zeroing the others' latents), set by a plain
     replacing hook, guidance and the scheduler step from the Trajectory."""
     cfg = SamplerConfig(num_steps=1, guidance_scale=2.0)
     hooked = HookedBackbone.of(backbone)
     traj = Trajectory(backbone, conds, seeds, list(range(len(conds))), cfg)
-    other = Trajectory(backbone, targets, seeds, list(range(len(conds))), cfg)
+    other = Trajectory(backbone, targets, ref_seeds or seeds, list(range(len(conds))), cfg)
     step, o_step = next(iter(traj)), next(iter(other))
     n = len(conds)
     with step_context(o_step.ctx), torch.no_grad():
@@ -126,6 +126,106 @@ def test_update_target_sae_own_condition_is_the_plain_sample(tiny_dit, device):
     assert (moved - plain).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("start", [0, 1])
+def test_keep_outside_ends_exactly_on_the_plain_latents_outside_the_mask(tiny_dit, device, start):
+    sae = make_sae(device)
+    conds, targets, seeds = [0, 1], [3, 3], [8, 9]
+    grid = tuple(tiny_dit.patch_grid)
+    mask = torch.zeros(grid, dtype=torch.bool)
+    mask[: grid[0] // 2] = True  # upper half of the patch grid
+    plain = sample(tiny_dit, conds, seeds, CFG, decode=False).latents
+    kw = dict(steps=(start, CFG.num_steps), mask=mask, decode=False)
+    kept = sample_patched(tiny_dit, sae, conds, targets, seeds, CFG, keep_outside=True, **kw).latents
+    free = sample_patched(tiny_dit, sae, conds, targets, seeds, CFG, **kw).latents
+    rows = plain.shape[-2] * (grid[0] // 2) // grid[0]  # latent rows of the masked patches
+    torch.testing.assert_close(kept[..., rows:, :], plain[..., rows:, :], atol=0, rtol=0)
+    assert (kept[..., :rows, :] - plain[..., :rows, :]).abs().max() > 1e-3  # the inside was edited
+    assert (free[..., rows:, :] - plain[..., rows:, :]).abs().max() > 1e-4  # without it the edit leaks out
+
+
+def test_keep_outside_needs_a_mask(tiny_dit, device):
+    with pytest.raises(TideError, match="keep_outside needs a mask"):
+        sample_patched(tiny_dit, make_sae(device), [0], [1], [1], CFG, keep_outside=True)
+
+
+def test_one_step_transfer_equals_the_reconstruction_difference_from_the_reference_generation(tiny_dit, device):
+    sae = make_sae(device)
+    keep = torch.tensor([1, 4, 9, 30])
+    conds, seeds, refs, ref_seeds = [0, 1], [5, 6], [2, 2], [40, 41]
+    cfg = SamplerConfig(num_steps=1, guidance_scale=2.0)
+    want = one_step_reference(tiny_dit, sae, conds, refs, seeds, keep=keep, ref_seeds=ref_seeds)
+    got = sample_transferred(tiny_dit, sae, conds, seeds, refs, ref_seeds, features=keep.tolist(), config=cfg,
+                             decode=False).latents
+    torch.testing.assert_close(got, want.float().cpu(), atol=2e-5, rtol=1e-4)
+    same_seed = sample_patched(tiny_dit, sae, conds, refs, seeds, cfg, features=keep.tolist(), decode=False).latents
+    assert (got - same_seed).abs().max() > 1e-4  # the reference's own noise, not the sample's, was read
+
+
+def test_transfer_from_itself_is_the_plain_sample_and_from_another_moves_it(tiny_dit, device):
+    sae = make_sae(device)
+    conds, seeds = [0, 1], [3, 4]
+    plain = sample(tiny_dit, conds, seeds, CFG, decode=False).latents
+    same = sample_transferred(tiny_dit, sae, conds, seeds, conds, seeds, config=CFG, decode=False).latents
+    torch.testing.assert_close(same, plain, atol=1e-5, rtol=1e-4)
+    moved = sample_transferred(tiny_dit, sae, conds, seeds, [2, 2], [7, 8], config=CFG, steps=(1, 3),
+                               decode=False).latents
+    assert (moved - plain).abs().max() > 1e-4
+    with pytest.raises(TideError, match="one reference seed per condition"):
+        sample_transferred(tiny_dit, sae, conds, seeds, [2, 2], [7], config=CFG)
+
+
+def test_removal_of_a_samples_own_condition_is_the_patch_to_the_null_at_strength_one(tiny_dit, device):
+    sae = make_sae(device)
+    cfg = SamplerConfig(num_steps=1, guidance_scale=2.0)
+    conds, seeds = [2, 2], [5, 6]
+    want = one_step_reference(tiny_dit, sae, conds, [NULL_CONDITION] * 2, seeds)
+    got = sample_removed(tiny_dit, sae, conds, seeds, remove=2, config=cfg, strength=1.0, decode=False).latents
+    torch.testing.assert_close(got, want.float().cpu(), atol=2e-5, rtol=1e-4)
+    plain = sample(tiny_dit, conds, seeds, cfg, decode=False).latents
+    assert (got - plain).abs().max() > 1e-3
+
+
+def test_removal_gate_leaves_other_conditions_alone(tiny_dit, device):
+    sae = make_sae(device)
+    conds, seeds = [0, 1, 2, NULL_CONDITION], [1, 2, 3, 4]
+    plain = sample(tiny_dit, conds, seeds, CFG, decode=False).latents
+    strict = sample_removed(tiny_dit, sae, conds, seeds, remove=2, config=CFG, gate=1.0, decode=False).latents
+    others = [0, 1, 3]
+    torch.testing.assert_close(strict[others], plain[others], atol=0, rtol=0)  # not C: not edited
+    assert (strict[2] - plain[2]).abs().max() > 1e-3  # C's own generation is
+    open_gate = sample_removed(tiny_dit, sae, conds, seeds, remove=2, config=CFG, gate=0.0, decode=False).latents
+    torch.testing.assert_close(open_gate[2], strict[2], atol=1e-5, rtol=1e-4)
+    off = sample_removed(tiny_dit, sae, conds, seeds, remove=2, config=CFG, strength=0.0, decode=False).latents
+    torch.testing.assert_close(off, plain, atol=1e-5, rtol=1e-4)
+
+
+def test_feature_effects_are_each_features_own_patch_scored_against_the_plain_samples(tiny_dit, device):
+    sae = make_sae(device)
+    conds, seeds, cands = [0, 1], [5, 6], [3, 7, 11]
+
+    def score(images):  # any image statistic will do: the mean of the upper half
+        return images[:, :, : images.shape[-2] // 2].mean(dim=(1, 2, 3))
+
+    got = feature_effects(tiny_dit, sae, conds, seeds, 2, cands, score, config=CFG)
+    base = score(sample(tiny_dit, conds, seeds, CFG).images)
+    want = torch.stack([score(sample_patched(tiny_dit, sae, conds, [2, 2], seeds, CFG, features=[f]).images) - base
+                        for f in cands]).mean(1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert want.abs().max() > 1e-5
+    with pytest.raises(TideError, match="at least one candidate"):
+        feature_effects(tiny_dit, sae, conds, seeds, 2, [], score, config=CFG)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(remove=NULL_CONDITION), "null condition cannot be removed"),
+    (dict(remove=1, gate=1.5), "gate is a cosine threshold"),
+    (dict(remove=1, strength=-1.0), "strength must be >= 0"),
+])
+def test_removal_refusals(tiny_dit, device, kw, msg):
+    with pytest.raises(TideError, match=msg):
+        sample_removed(tiny_dit, make_sae(device), [0], [1], config=CFG, **kw)
+
+
 @pytest.mark.parametrize("kw,msg", [
     (dict(strength=-1.0), "strength must be >= 0"),
     (dict(top_features=0), "top_features must lie in 1..32"),
@@ -176,12 +276,62 @@ def test_cli_steer_toward_patches_by_default(tiny_dit_dir, tmp_path, capsys):
     # refused, one line each, nothing written
     out = ["--out", str(tmp_path / "r.png")]
     assert main(base + ["--toward", "3", "--recipe", "patch", "--remove", "2"] + out) == 2
-    assert main(base + ["--remove", "2", "--recipe", "patch"] + out) == 2
+    assert main(base + ["--remove", "2", "--top-features", "3"] + out) == 2
     assert main(base + ["--toward", "3", "--recipe", "stir"] + out) == 2
     assert main(base + ["--toward", "3", "--branch", "both"] + out) == 2
     assert main(base + ["--toward", "3", "--top-features", "99"] + out) == 2
     assert not (tmp_path / "r.png").exists() and not list(tmp_path.glob("*.tmp*"))
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 5 and all(line.startswith("tide steer: error: ") for line in err)
-    assert "one of --toward and --remove" in err[0] and "--recipe profile" in err[1] and "patch or profile" in err[2]
+    assert "one of --toward and --remove" in err[0] and "--top-features does not apply" in err[1] and "patch or profile" in err[2]
     assert "conditional rows only" in err[3] and "top_features must lie in 1..32" in err[4]
+
+
+def test_cli_keep_outside(tiny_dit_dir, tmp_path, capsys):
+    import numpy as np
+
+    from tide.analysis.steering import region_mask
+    from tide.cli import main
+    from tide.models import load_backbone
+    from tide.sae import save_sae
+
+    sae = make_sae("cpu")
+    save_sae(sae, tmp_path / "sae")
+    base = ["steer", "--sae", str(tmp_path / "sae"), "--backbone", str(tiny_dit_dir), "--device", "cpu",
+            "--num-steps", "3", "--guidance-scale", "2", "--n", "2", "--seed", "4", "--classes", "0"]
+    npz = tmp_path / "k.npz"
+    assert main(base + ["--toward", "3", "--mask", "upper", "--keep-outside", "--out", str(tmp_path / "k.png"),
+                        "--save-images", str(npz)]) == 0
+    backbone = load_backbone(str(tiny_dit_dir), device="cpu")
+    mask = region_mask("upper", tuple(backbone.patch_grid))
+    want = sample_patched(backbone, sae, [0, 0], [3, 3], [4, 5], CFG, mask=mask, keep_outside=True)
+    with np.load(npz) as got:
+        np.testing.assert_allclose(got["after"], want.images.numpy(), atol=1e-5)
+    out = ["--out", str(tmp_path / "r.png")]
+    assert main(base + ["--toward", "3", "--keep-outside"] + out) == 2
+    assert main(base + ["--features", "1", "--mask", "upper", "--keep-outside"] + out) == 2
+    assert main(base + ["--toward", "3", "--mask", "upper", "--keep-outside", "--recipe", "profile"] + out) == 2
+    assert not (tmp_path / "r.png").exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and "name a region" in err[0] and "--features edits" in err[1]
+    assert "patch recipe" in err[2]
+
+
+def test_cli_remove_uses_the_feature_removal_by_default(tiny_dit_dir, tmp_path):
+    import numpy as np
+
+    from tide.cli import main
+    from tide.models import load_backbone
+    from tide.sae import save_sae
+
+    sae = make_sae("cpu")
+    save_sae(sae, tmp_path / "sae")
+    npz = tmp_path / "r.npz"
+    assert main(["steer", "--sae", str(tmp_path / "sae"), "--backbone", str(tiny_dit_dir), "--device", "cpu",
+                 "--num-steps", "3", "--guidance-scale", "2", "--n", "2", "--seed", "4", "--classes", "2,1",
+                 "--remove", "2", "--removal-gate", "0.5", "--out", str(tmp_path / "r.png"), "--save-images", str(npz)]) == 0
+    backbone = load_backbone(str(tiny_dit_dir), device="cpu")
+    want = sample_removed(backbone, sae, [2, 2, 1, 1], [4, 5, 6, 7], remove=2, config=CFG, strength=2.0, gate=0.5)
+    with np.load(npz) as got:
+        np.testing.assert_allclose(got["after"], want.images.numpy(), atol=1e-5)
+        assert np.abs(got["after"][:2] - got["before"][:2]).max() > 0

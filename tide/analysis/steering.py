@@ -25,8 +25,9 @@ so guidance (``uncond + g * (cond - uncond)``) carries (2g - 1) times the edit i
 on, so the trajectory up to that step is the original one.
 
 Steering toward a *condition* (``tide steer --toward B``) patches each sample's features toward what B gives on
-the same latents (:mod:`tide.analysis.feature_patch`); toward a vocabulary word, or away from a condition
-(``--remove C``), it adds the paired feature shifts of a steering profile (:mod:`tide.analysis.steering_profile`).
+the same latents, and removing one (``--remove C``) pushes the features of the generations that match C through
+the null's (:mod:`tide.analysis.feature_patch`); toward a vocabulary word, or with ``--recipe profile``, it adds
+the paired feature shifts of a steering profile (:mod:`tide.analysis.steering_profile`).
 """
 
 from __future__ import annotations
@@ -379,6 +380,10 @@ class SteerConfig(GenerationConfig, BackboneConfig):
     """Step after the last edited one; default: the end of the schedule."""
     mask: str | None = None
     """Spatial region of the patch grid to edit: upper, lower, left, right or centre; default: everywhere."""
+    keep_outside: bool = False
+    """With --mask and the patch recipe: after every step reset the latents outside the mask to the unedited
+    generation's (latent blending), so the outside ends exactly as it was; without it the edit also reaches the
+    outside through attention."""
     branch: SteerBranch | None = None
     """CFG rows to edit: cond, uncond, both, or cfg (added to cond rows, subtracted from uncond rows); default both
     for --features edits and cond (amplified by guidance like a prompt) for --toward / --remove."""
@@ -398,11 +403,17 @@ class SteerConfig(GenerationConfig, BackboneConfig):
     recipe: str | None = None
     """--toward a condition: patch (each sample's SAE features set, step by step, to what the condition gives on
     the same latents; tide.analysis.feature_patch) or profile (the mean paired shift of a steering profile,
-    tide.analysis.steering_profile, measured along each sample's own condition); default: patch, or profile when
-    --profile is given. Words and --remove always use a profile."""
+    tide.analysis.steering_profile, measured along each sample's own condition). --remove: patch (each sample's
+    features pushed through what the null condition gives on its latents, where they match C's; see
+    --removal-gate) or
+    profile (C's mean C -> null shift added). Default: patch, or profile when --profile is given. Words always use
+    a profile."""
     remove: str | None = None
-    """Remove this condition (concept removal): add its C -> null shift, measured along C's generations, to the
-    generations of --classes (default: every class, so the damage to the others shows)."""
+    """Remove this condition (concept removal) from the generations of --classes (default: every class, so the
+    damage to the others shows); see --recipe and --removal-gate."""
+    removal_gate: float = 0.8
+    """--remove with the patch recipe: a generation is edited where the cosine between its features' shift from
+    the null and C's shift (on the same latents) exceeds this, fully from halfway between it and 1."""
     unconditional: bool = False
     """Generate the null condition (empty caption / null class) instead of --classes."""
     profile: str | None = None
@@ -410,8 +421,9 @@ class SteerConfig(GenerationConfig, BackboneConfig):
     null-condition generations with seeds from 50000."""
     profile_samples: int = 16
     """Calibration generations per condition when the profile is measured now."""
-    strength: float = 1.0
-    """--toward / --remove: multiple of the measured shift added (1 = what the prompt does to those features)."""
+    strength: float | None = None
+    """--toward / --remove: multiple of the measured shift added (1 = what the prompt does to those features);
+    default 1, and 2 for --remove with the patch recipe (as far past the null's features as C is before them)."""
     top_features: int | None = None
     """--toward / --remove: each condition's features of largest shift to use (default: all the profile kept); with
     --recipe patch, the features patched per token, those whose latents differ most (default: every feature)."""
@@ -454,6 +466,10 @@ class SteerConfig(GenerationConfig, BackboneConfig):
         if not self.features and not profiled:
             raise TideError("name the features to edit (--features 12,40) or a condition to steer toward or away "
                             "from (--toward 8, --remove 1)")
+        if self.keep_outside and not self.mask:
+            raise TideError("--keep-outside keeps what lies outside --mask: name a region (--mask upper)")
+        if self.keep_outside and not profiled:
+            raise TideError("--keep-outside works with --toward (the patch recipe); drop it for --features edits")
         if self.unconditional and self.classes:
             raise TideError("choose either --unconditional (null-condition generations) or --classes")
         if self.n < 1:
@@ -551,11 +567,16 @@ class SteerConfig(GenerationConfig, BackboneConfig):
                             f"need 0 <= from_step < to_step <= {n}")
         target = named_ids[0]
         word = self.toward is not None and target >= n_base
-        if self.recipe == "patch" and (word or self.remove is not None or self.profile):
-            raise TideError("--recipe patch steers --toward a condition of the backbone; words, --remove and --profile "
-                            "use --recipe profile")
-        if self.toward is not None and not word and self.recipe != "profile" and not self.profile:
+        if self.recipe == "patch" and (word or self.profile):
+            raise TideError("--recipe patch steers --toward or --remove a condition of the backbone; words and "
+                            "--profile use --recipe profile")
+        if self.keep_outside and (self.remove is not None or word or self.recipe == "profile" or self.profile):
+            raise TideError("--keep-outside works with the patch recipe (--toward a condition); drop it here")
+        patch = not word and self.recipe != "profile" and not self.profile
+        if patch and self.toward is not None:
             return self._run_patched(sae, backbone, conds, seeds, config, mask, target, (int(self.from_step), stop))
+        if patch:
+            return self._run_removed(sae, backbone, conds, seeds, config, mask, target, (int(self.from_step), stop))
         if word:  # a word added to the prompts: its null -> word shift
             pairs = [(NULL_CONDITION, target)]
             kwargs = dict(toward=[target])
@@ -581,7 +602,8 @@ class SteerConfig(GenerationConfig, BackboneConfig):
                 got = measure_profile(backbone, sae, [c for s_, c in pairs if s_ == src], config,
                                       num_samples=self.profile_samples, progress=False, sources=[src])
                 profile = got if profile is None else profile.merged(got)
-        iv = profile_intervention(sae, profile, strength=self.strength, features=self.top_features,
+        iv = profile_intervention(sae, profile, strength=1.0 if self.strength is None else self.strength,
+                                  features=self.top_features,
                                   steps=(int(self.from_step), stop), mask=mask, branch=self.branch or "cond", **kwargs)
         before = sample(backbone, conds, seeds, config)
         after = sample(backbone, conds, seeds, config, interventions=[iv])
@@ -596,10 +618,31 @@ class SteerConfig(GenerationConfig, BackboneConfig):
             raise TideError(f"a feature patch edits the conditional rows only (got --branch {self.branch}): drop "
                             "--branch, or use --recipe profile")
         before = sample(backbone, conds, seeds, config)
-        after = sample_patched(backbone, sae, conds, [target] * len(conds), seeds, config, strength=self.strength,
-                               top_features=self.top_features, steps=window, mask=mask)
+        after = sample_patched(backbone, sae, conds, [target] * len(conds), seeds, config,
+                               strength=1.0 if self.strength is None else self.strength,
+                               top_features=self.top_features, steps=window, mask=mask,
+                               keep_outside=self.keep_outside)
         cls = self.target_class if self.target_class is not None else target
         return before, after, self._classifier_rates(backbone, before, after, cls, self.target_class is not None)
+
+
+    def _run_removed(self, sae, backbone, conds, seeds, config, mask, target: int, window):
+        from tide.analysis.feature_patch import sample_removed
+
+        if self.branch not in (None, "cond"):
+            raise TideError(f"a feature removal edits the conditional rows only (got --branch {self.branch}): drop "
+                            "--branch, or use --recipe profile")
+        if self.top_features is not None:
+            raise TideError("--top-features does not apply to --remove with the patch recipe (every feature whose "
+                            "shift matches C's moves): drop it, or use --recipe profile")
+        before = sample(backbone, conds, seeds, config)
+        after = sample_removed(backbone, sae, conds, seeds, target, config,
+                               strength=2.0 if self.strength is None else self.strength, gate=self.removal_gate,
+                               steps=window, mask=mask)
+        rates = self._classifier_rates(backbone, before, after, target, False)
+        if self.target_class is not None:
+            rates = self._classifier_rates(backbone, before, after, self.target_class, True)
+        return before, after, rates
 
 
 def save_images_npz(before: SampleOutput, after: SampleOutput, path) -> Path:
