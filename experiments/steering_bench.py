@@ -25,6 +25,18 @@ what prompt B gives on the same latents, the error term kept), is measured on th
 by ``--stage patch``, which adds its section to an existing result (null -> B, A -> B, realism, masked edits; its
 strength is chosen the same way from ``--patch-strengths``).
 
+``--stage edits`` adds removal by feature patch (tide.analysis.feature_patch.sample_removed; strength chosen on
+seeds 60000.. from ``--patch-remove-strengths``, with the same edit ungated as the control, and removal from
+"dark C" / "large C" prompts), masked edits with and without ``keep_outside``, and transfer from a reference
+generation; ``--stage effects`` adds features chosen by causal effect (feature_effects) and the realism of
+removed generations. ``--stage patch-only`` runs the patch and its edits alone on another model, e.g.::
+
+    tide capture --config configs/faithful_capture.yaml --backbone fmnist-dit --hooks blocks.4.hook_resid_post \
+        --out runs/dit_capture
+    tide train --config configs/steering.yaml --data runs/dit_capture --out runs/dit_steering_saes
+    python experiments/steering_bench.py --sae runs/dit_steering_saes/tide --stage patch-only --n 10 \
+        --out experiments/results/steering_bench_fmnist-dit
+
 Success = the evaluation classifier says B; neither = it says neither A nor B. Realism = Fréchet distance, in the
 classifier's features, of all images steered toward B to real Fashion-MNIST test images of B, over the same
 distance for the model's own B generations (``--n`` x 10 seeds). The strengths of null -> B and A -> B are chosen
