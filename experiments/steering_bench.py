@@ -909,7 +909,7 @@ def edits_markdown(E: dict, names: list[str]) -> list[str]:
     R = E["removal"]
     lines = ["", f"## Removal by feature patch (strength {R['strength']}, gate {R['gate']}; chosen on seeds 60000.. from "
              f"{R['selection']})", "",
-             "Each generation's features are compared with C's, relative to the null caption, on its own latents "
+             "Each generation's features are compared with C's, relative to the null condition, on its own latents "
              "(cosine over tokens and features); above the gate they are pushed through the null's features and "
              "beyond. The gate is a detector, so the collateral below is what it lets through; the ungated row "
              "edits every generation the same way (half the seeds).", "",

@@ -33,6 +33,9 @@ The same loop gives three more edits:
   solver diverges (the copied features' magnitude grows to tens or hundreds of times the reference's over 20 steps;
   ``experiments/results/steering_bench.md``, transfer). Move an attribute with a prompt on the sample's own latents
   instead: the patch toward a condition, or a steering profile toward a word.
+
+:func:`feature_effects` ranks features by what each does when patched alone (a score of the images, such as the
+evaluation classifier's probability of the target), to choose features by causal effect.
 """
 
 from __future__ import annotations
