@@ -214,10 +214,10 @@ def sample_transferred(backbone, sae, conds: Sequence[int], seeds: Sequence[int]
     """Transfer: generate condition ``conds[i]`` from seed ``seeds[i]`` while a reference generation
     (``ref_conds[i]`` from ``ref_seeds[i]``) is denoised alongside, and at every step of ``steps`` set the sample's
     latents of ``features`` (default: every feature), token by token, to the reference's at the same step:
-    ``h + strength * sum_f (z_f(h_ref) - z_f(h)) d_f(t)``, the error term kept. With a feature set that carries an
-    attribute (e.g. the features a word's prompt moves most, :mod:`tide.analysis.steering_profile`) the attribute
-    of the reference arrives and the rest of the sample stays its own
-    (``experiments/results/steering_bench.md``, transfer)."""
+    ``h + strength * sum_f (z_f(h_ref) - z_f(h)) d_f(t)``, the error term kept. Measured on ``fmnist-pixart``, this
+    does not carry an attribute: the copied features also describe the reference's own noisy latents, the sample's
+    denoising diverges (its copied features grow to tens or hundreds of times the reference's) and it is lost, with
+    every feature set and window tried (``experiments/results/steering_bench.md``, transfer; module docstring)."""
     config = config or SamplerConfig()
     conds, seeds = [int(c) for c in conds], [int(s) for s in seeds]
     ref_conds, ref_seeds = [int(c) for c in ref_conds], [int(s) for s in ref_seeds]
