@@ -96,9 +96,7 @@ def sample_patched(backbone, sae, conds: Sequence[int], targets: Sequence[int], 
     backbone.check_conditions(conds + targets)
     hooked = HookedBackbone.of(backbone)
     start, stop = _check(sae, hooked, steps, config.num_steps, strength, top_features, features)
-    param = next(sae.parameters())
-    mask_T = None if mask is None else torch.as_tensor(mask).reshape(-1).to(param.device, param.dtype)
-    feats = None if features is None else torch.as_tensor([int(f) for f in features], device=param.device)
+    mask_T, feats = _on_sae(sae, mask, features)
     keep_X = _latent_mask(backbone, mask) if keep_outside else None
     return _in_batches(backbone, conds, seeds, config, "feature patch", progress, decode, lambda sl, ids, bar: (
         _patched_batch(backbone, hooked, sae, conds[sl], [targets[sl]], seeds[sl], ids, config, strength, top_features,
@@ -124,13 +122,13 @@ def feature_effects(backbone, sae, conds: Sequence[int], seeds: Sequence[int], t
     start, stop = _check(sae, hooked, steps, config.num_steps, strength, None, cands)
     param = next(sae.parameters())
     n, m = len(conds), len(cands)
-    one_ND = torch.zeros(n * m, sae.cfg.d_sae, device=param.device)
-    one_ND[torch.arange(n * m), torch.tensor(cands).repeat_interleave(n)] = 1.0
+    feature_N = torch.tensor(cands, device=param.device).repeat_interleave(n)  # the one feature of each generation
     all_conds, all_seeds = conds * m, seeds * m
     plain = sample(backbone, conds, seeds, config)
 
     def run(sl, ids, bar):
-        keep = one_ND[sl][:, None, :]
+        keep = torch.zeros(len(ids), 1, sae.cfg.d_sae, device=param.device)
+        keep[torch.arange(len(ids)), 0, feature_N[sl]] = 1.0
         return _patched_batch(backbone, hooked, sae, all_conds[sl], [[int(target)] * len(ids)], all_seeds[sl], ids,
                               config, strength, None, None, (start, stop), None, bar,
                               rule=lambda z, z_refs, t: (z_refs[0] - z) * keep.to(z.dtype))
@@ -197,8 +195,7 @@ def sample_removed(backbone, sae, conds: Sequence[int], seeds: Sequence[int], re
     backbone.check_conditions(conds + [int(remove)])
     hooked = HookedBackbone.of(backbone)
     start, stop = _check(sae, hooked, steps, config.num_steps, strength, None, None)
-    param = next(sae.parameters())
-    mask_T = None if mask is None else torch.as_tensor(mask).reshape(-1).to(param.device, param.dtype)
+    mask_T, _ = _on_sae(sae, mask, None)
     null = [NULL_CONDITION] * len(conds)
     return _in_batches(backbone, conds, seeds, config, "feature removal", progress, decode, lambda sl, ids, bar: (
         _patched_batch(backbone, hooked, sae, conds[sl], [[int(remove)] * len(ids), null[sl]], seeds[sl], ids, config,
@@ -228,12 +225,18 @@ def sample_transferred(backbone, sae, conds: Sequence[int], seeds: Sequence[int]
     backbone.check_conditions(conds + ref_conds)
     hooked = HookedBackbone.of(backbone)
     start, stop = _check(sae, hooked, steps, config.num_steps, strength, None, features)
-    param = next(sae.parameters())
-    mask_T = None if mask is None else torch.as_tensor(mask).reshape(-1).to(param.device, param.dtype)
-    feats = None if features is None else torch.as_tensor([int(f) for f in features], device=param.device)
+    mask_T, feats = _on_sae(sae, mask, features)
     return _in_batches(backbone, conds, seeds, config, "feature transfer", progress, decode, lambda sl, ids, bar: (
         _patched_batch(backbone, hooked, sae, conds[sl], [ref_conds[sl]], seeds[sl], ids, config, strength, None, feats,
                        (start, stop), mask_T, bar, ref_seeds=[ref_seeds[sl]])))
+
+
+def _on_sae(sae, mask, features):
+    """(flat float token mask or None, feature ids or None) on the SAE's device."""
+    param = next(sae.parameters())
+    mask_T = None if mask is None else torch.as_tensor(mask).reshape(-1).to(param.device, param.dtype)
+    feats = None if features is None else torch.as_tensor([int(f) for f in features], device=param.device)
+    return mask_T, feats
 
 
 def _latent_mask(backbone, mask) -> torch.Tensor:
