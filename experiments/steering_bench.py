@@ -37,6 +37,14 @@ removed generations. ``--stage patch-only`` runs the patch and its edits alone o
     python experiments/steering_bench.py --sae runs/dit_steering_saes/tide --stage patch-only --n 10 \
         --out experiments/results/steering_bench_fmnist-dit
 
+``--stage multi-hook`` adds the feature patch at several hooks at once (``--sae`` and ``--extra-saes``)::
+
+    tide capture --config configs/faithful_capture.yaml --hooks blocks.2.hook_resid_post,blocks.6.hook_resid_post \
+        --out runs/multi_capture
+    tide train --config configs/steering_multi.yaml --data runs/multi_capture --out runs/multi_saes
+    python experiments/steering_bench.py --sae runs/steering_saes/tide --stage multi-hook \
+        --extra-saes runs/multi_saes/block2,runs/multi_saes/block6 --patch-strengths 0.7,1,1.5
+
 Success = the evaluation classifier says B; neither = it says neither A nor B. Realism = Fréchet distance, in the
 classifier's features, of all images steered toward B to real Fashion-MNIST test images of B, over the same
 distance for the model's own B generations (``--n`` x 10 seeds). The strengths of null -> B and A -> B are chosen
@@ -85,14 +93,16 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=10_000)
     p.add_argument("--batch-size", type=int, default=200)
     p.add_argument("--out", default=str(RESULTS / "steering_bench"))
-    p.add_argument("--stage", choices=("all", "patch", "edits", "effects", "patch-only"), default="all",
+    p.add_argument("--stage", choices=("all", "patch", "edits", "effects", "patch-only", "multi-hook"), default="all",
                    help="all: every measurement; patch: add the feature-patch recipe to the results at --out; edits: "
                         "add removal by feature patch, masked edits that keep the outside, and transfer; effects: add "
-                        "features chosen by causal effect; patch-only: "
+                        "features chosen by causal effect; multi-hook: add the feature patch at --sae's hook and "
+                        "--extra-saes' hooks at once; patch-only: "
                         "the feature patch and its edits alone, a new result (for a second model)")
     p.add_argument("--patch-remove-strengths", default="1.5,2,3")
     p.add_argument("--removal-gate", type=float, default=0.8)
     p.add_argument("--patch-strengths", default="1,1.5,2")
+    p.add_argument("--extra-saes", default="", help="--stage multi-hook: SAEs at further hooks, comma-separated")
     return p.parse_args(argv)
 
 
@@ -320,10 +330,14 @@ class Bench:
 class PatchBench(Bench):
     """The feature-patch recipe on the cells, seeds and classifier of the profile benchmark."""
 
+    prefix = "patch_"
+    """Key prefix of this recipe's images (``{prefix}null_after``, ``{prefix}pairs_after``)."""
+
     def patched(self, conds, targets, seeds, strength, **kw):
         from tide.analysis.feature_patch import sample_patched
 
-        return sample_patched(self.backbone, self.sae, conds, targets, seeds, self.cfg, strength=strength, **kw).images
+        saes = [self.sae] + getattr(self, "extra_saes", [])
+        return sample_patched(self.backbone, saes, conds, targets, seeds, self.cfg, strength=strength, **kw).images
 
     def choose_strength(self) -> float:
         seeds = [60_000 + i for i in range(self.args.select_n)]
@@ -335,7 +349,7 @@ class PatchBench(Bench):
             targets = [b for b in self.classes for _ in seeds] * 2
             pred = self.predict(self.patched(conds, targets, seeds * 2 * k, st))
             rates[st] = float((pred == np.asarray(targets)).mean())
-            self.log(f"patch, selection seeds at strength {st}: {rates[st]:.0%} (null -> B and A -> B)")
+            self.log(f"{self.prefix}selection seeds at strength {st}: {rates[st]:.0%} (null -> B and A -> B)")
         self.selection = rates
         return max(rates, key=lambda v: (rates[v], -v))
 
@@ -365,8 +379,8 @@ class PatchBench(Bench):
         self.log(f"patch A -> B: {np.mean([c['success'] for c in cells if c['from'] != 'null']):.0%}, neither "
                  f"{np.mean([c['neither'] for c in cells if c['from'] != 'null']):.0%}")
         self.own = self.images["own"][:, :n]  # the model's own generations on these seeds, for realism
-        self.images["patch_null_after"] = null_after.reshape(k, n, *null_after.shape[1:])
-        self.images["patch_pairs_after"] = ab
+        self.images[f"{self.prefix}null_after"] = null_after.reshape(k, n, *null_after.shape[1:])
+        self.images[f"{self.prefix}pairs_after"] = ab
         return cells
 
     def masked(self, strength):
@@ -546,7 +560,7 @@ class EditBench(PatchBench):
                         return z_refs[0] - z
 
                     fe = None if feats is None else torch.as_tensor(feats)
-                    x = fp._patched_batch(self.backbone, hooked, self.sae, conds, [ref_conds], seeds * k,
+                    x = fp._patched_batch(self.backbone, hooked, [self.sae], conds, [ref_conds], seeds * k,
                                           list(range(len(conds))), self.cfg, 1.0, None, fe, steps, None,
                                           _NoBar(), rule=rule, ref_seeds=[ref_seeds])
                     after = self.backbone.decode(x)
@@ -691,6 +705,34 @@ def run_patch_stage(args):
     return res, bench
 
 
+class MultiHookBench(PatchBench):
+    """The feature patch at several hooks at once: ``--sae`` and ``--extra-saes``, in one forward pass."""
+
+    prefix = "multi_"
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.extra_saes = [load_sae(p).eval() for p in args.extra_saes.split(",") if p]
+        if not self.extra_saes:
+            raise SystemExit("--stage multi-hook needs --extra-saes DIR[,DIR...] (SAEs at further hooks)")
+
+
+def run_multi_hook_stage(args):
+    """Add the multi-hook feature patch (null -> B, A -> B, realism) to the results at ``--out``."""
+    res, bench = _load_result(args, MultiHookBench)
+    started = time.time()
+    strength = bench.choose_strength()
+    bench.log(f"multi-hook strength {strength}")
+    cells = bench.pairs(strength)
+    hooks = [bench.sae.cfg.hook] + [e.cfg.hook for e in bench.extra_saes]
+    res["multi_hook"] = {"args": {k: v for k, v in vars(args).items()}, "hooks": hooks, "strength": strength,
+                         "selection": bench.selection, "cells": cells,
+                         "realism": {str(b): v for b, v in bench.realism("multi_").items()}}
+    res["multi_hook"]["seconds"] = time.time() - started
+    res["summary"] = summarise(res)
+    return res, bench
+
+
 def run_patch_only(args):
     """The feature-patch recipe and its edits on a model of its own (no profile stage): a new result at ``--out``."""
     bench = EditBench(args)
@@ -773,7 +815,18 @@ def _patch_summary(res: dict) -> dict:
                  "patch_removal_ungated_collateral_points": float(np.mean([r["collateral_points"] for r in R["ungated"]])),
                  "patch_masked_kept_outside_over_inside": [m["outside_over_inside"] for m in res["edits"]["masked_kept"]
                                                            if m["keep_outside"]]}
-    return {**patch, **edits}
+    multi = {}
+    if "multi_hook" in res:
+        M = res["multi_hook"]
+        mab = [c for c in M["cells"] if c["from"] != "null"]
+        multi = {"multi_hook_hooks": M["hooks"], "multi_hook_strength": M["strength"],
+                 "multi_hook_null_to_b_success": float(np.mean([c["success"] for c in M["cells"] if c["from"] == "null"])),
+                 "multi_hook_a_to_b_success": float(np.mean([c["success"] for c in mab])),
+                 "multi_hook_a_to_b_neither": float(np.mean([c["neither"] for c in mab])),
+                 "multi_hook_a_to_b_pairs_at_least_70": int(sum(c["success"] >= 0.7 for c in mab)),
+                 "multi_hook_realism_ratio_median": float(np.median([v["ratio"] for v in M["realism"].values()])),
+                 "multi_hook_realism_ratio_max": float(np.max([v["ratio"] for v in M["realism"].values()]))}
+    return {**patch, **edits, **multi}
 
 
 def write_markdown(res: dict, path: Path, names: list[str]):
@@ -854,6 +907,8 @@ def write_markdown(res: dict, path: Path, names: list[str]):
     E = res.get("edits")
     if E:
         lines += edits_markdown(E, names)
+    if "multi_hook" in res:
+        lines += multi_hook_markdown(res, names)
     lines += ["", "## Realism per target class", "", "| B | FD own | FD profile-steered | ratio | FD patch-steered | ratio |",
               "|---|---|---|---|---|---|"]
     for b, v in res["realism"].items():
@@ -861,6 +916,38 @@ def write_markdown(res: dict, path: Path, names: list[str]):
         lines.append(f"| {names[int(b)]} | {v['fd_own']:.2f} | {v['fd_steered']:.2f} | {v['ratio']:.2f} | "
                      + (f"{pv['fd_steered']:.2f} | {pv['ratio']:.2f} |" if pv else "– | – |"))
     path.write_text("\n".join(lines) + "\n")
+
+
+def multi_hook_markdown(res: dict, names: list[str]) -> list[str]:
+    """The feature patch at several hooks at once, beside the one-hook patch on the same seeds."""
+    M, s = res["multi_hook"], res["summary"]
+    hooks = ", ".join(f"`{h}`" for h in M["hooks"])
+    lines = ["", "## Several hooks at once", "",
+             f"The feature patch at {hooks} together (one SAE per hook, each trained the same way; every hook patched "
+             f"in the same forward pass, the reference passes unedited). Strength {M['strength']}, chosen on seeds "
+             f"60000.. from {M['selection']}; {M['seconds'] / 60:.0f} min on 2 CPU threads.", "",
+             "| measure | one hook (block 4) | several hooks | aim |", "|---|---|---|---|",
+             f"| null → B success | {s['patch_null_to_b_success']:.1%} | {s['multi_hook_null_to_b_success']:.1%} | ≥ 90% |",
+             f"| A → B success, 90 pairs | {s['patch_a_to_b_success']:.1%} | {s['multi_hook_a_to_b_success']:.1%} | ≥ 70% |",
+             f"| A → B neither-class rate | {s['patch_a_to_b_neither']:.1%} | {s['multi_hook_a_to_b_neither']:.1%} | ≤ 15% |",
+             f"| pairs reaching 70% | {s['patch_a_to_b_pairs_at_least_70']} / 90 | "
+             f"{s['multi_hook_a_to_b_pairs_at_least_70']} / 90 | |",
+             f"| realism, median over B | {s['patch_realism_ratio_median']:.2f} | "
+             f"{s['multi_hook_realism_ratio_median']:.2f} | ≤ 2 |",
+             f"| realism, worst B | {s['patch_realism_ratio_max']:.2f} | {s['multi_hook_realism_ratio_max']:.2f} | |",
+             ""]
+    own = res.get("own_agreement")
+    if own:
+        null = {c["to"]: c["success"] for c in M["cells"] if c["from"] == "null"}
+        worst = min(own, key=lambda b: own[b])
+        rest = [null[b] for b in null if str(b) != worst]
+        lines += [f"The model's own {names[int(worst)]} generations are called {names[int(worst)]} only "
+                  f"{own[worst]:.0%} of the time, and null → {names[int(worst)]} reaches {null[int(worst)]:.0%}; over "
+                  f"the other {len(rest)} classes null → B is {np.mean(rest):.1%}. The null → B aim sits 1.5 points "
+                  f"under the model's own B generations ({np.mean(list(own.values())):.1%}), the ceiling of any "
+                  "edit that imitates the prompt.", ""]
+    lines += ["Success per cell, several hooks (rows: from; columns: toward B):", ""]
+    return lines + patch_matrix(M["cells"], names)
 
 
 def patch_matrix(cells: list[dict], names: list[str]) -> list[str]:
@@ -996,6 +1083,11 @@ def figure(res: dict, images: dict, path: Path, names: list[str]):
         s = res["summary"]
         panels.append(("feature patch", matrix(res["patch"]["cells"], "patch"), s["patch_null_to_b_success"],
                        s["patch_a_to_b_success"], s["patch_a_to_b_neither"]))
+    if "multi_hook" in res:
+        s = res["summary"]
+        blocks = ", ".join(h.split(".")[1] for h in res["multi_hook"]["hooks"])
+        panels.append((f"feature patch, blocks {blocks}", matrix(res["multi_hook"]["cells"], "patch"),
+                       s["multi_hook_null_to_b_success"], s["multi_hook_a_to_b_success"], s["multi_hook_a_to_b_neither"]))
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 6.5), squeeze=False)
     for ax, (title, m, nb, ab, nei) in zip(axes[0], panels):
         im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
@@ -1030,6 +1122,13 @@ def figure(res: dict, images: dict, path: Path, names: list[str]):
             rows.append(torch.stack([images["own"][a, 0] if b == a else images["patch_pairs_after"][a, b, 0]
                                      for b in range(k)]))
             labels.append(f"{names[a]}→B patch")
+    if "multi_pairs_after" in images:
+        rows.append(torch.stack([images["multi_null_after"][b, 0] for b in range(k)]))
+        labels.append("null→B hooks")
+        for a in range(4):
+            rows.append(torch.stack([images["own"][a, 0] if b == a else images["multi_pairs_after"][a, b, 0]
+                                     for b in range(k)]))
+            labels.append(f"{names[a]}→B hooks")
     save_grid(torch.cat(rows), path.with_name(path.stem + "_examples.png"), nrow=k, row_labels=labels,
               title="steered toward B (columns B = " + ", ".join(names) + "); diagonal: the unedited generation")
 
@@ -1037,9 +1136,9 @@ def figure(res: dict, images: dict, path: Path, names: list[str]):
 def main(argv=None):
     args = parse_args(argv)
     torch.set_grad_enabled(False)
-    if args.stage in ("patch", "edits", "effects", "patch-only"):
+    if args.stage in ("patch", "edits", "effects", "patch-only", "multi-hook"):
         res, bench = {"patch": run_patch_stage, "edits": run_edits_stage, "effects": run_effects_stage,
-                      "patch-only": run_patch_only}[args.stage](args)
+                      "patch-only": run_patch_only, "multi-hook": run_multi_hook_stage}[args.stage](args)
         return write(res, bench, args)
     bench = Bench(args)
     bench.measure()
@@ -1072,7 +1171,7 @@ def write(res, bench, args):
                             "uint8 images (value / 255 in [0, 1]); null_before (n, C, H, W); null_after (B, n, ...); "
                             "own (A, n, ...): the model's own class-A generations; pairs_after (A, B, n, ...): A -> B "
                             "(the A -> B shift), zeros on the diagonal; masked_left_0to1: class 0 -> 1 inside the left half, "
-                            "one row per start step 0, 4, 8; patch_*: the same cells by the feature patch"))
+                            "one row per start step 0, 4, 8; patch_*: the same cells by the feature patch; multi_*: by the feature patch at several hooks"))
     print(json.dumps(res["summary"], indent=1))
 
 

@@ -335,3 +335,109 @@ def test_cli_remove_uses_the_feature_removal_by_default(tiny_dit_dir, tmp_path):
     with np.load(npz) as got:
         np.testing.assert_allclose(got["after"], want.images.numpy(), atol=1e-5)
         assert np.abs(got["after"][:2] - got["before"][:2]).max() > 0
+
+
+# ------------------------------------------------------------------ several hooks at once
+
+HOOK_0 = "blocks.0.hook_resid_post"
+
+
+def make_sae_at(device, hook, seed):
+    torch.manual_seed(seed)
+    sae = SAE(SAEConfig(d_in=16, d_sae=32, k=8, normalization="none", conditioning="tide", hook=hook))
+    with torch.no_grad():
+        sae.W_enc.normal_()
+        sae.b_dec.normal_(std=0.2)
+        for p in sae.modulation.parameters():
+            p.normal_(std=0.3)
+    return sae.to(device).eval()
+
+
+def test_two_hooks_one_step_equals_patching_each_hook_by_hand(tiny_dit, device):
+    """The reference activations come from an unpatched pass with the target; the sample's later hook is encoded
+    after its earlier hook was patched (one forward pass, hooks replaced by plain functions)."""
+    saes = [make_sae_at(device, HOOK_0, 2), make_sae_at(device, HOOK, 3)]
+    conds, targets, seeds = [0, 1, NULL_CONDITION], [2, 3, 3], [5, 6, 7]
+    cfg = SamplerConfig(num_steps=1, guidance_scale=2.0)
+    hooked = HookedBackbone.of(tiny_dit)
+    traj = Trajectory(tiny_dit, conds, seeds, list(range(3)), cfg)
+    other = Trajectory(tiny_dit, targets, seeds, list(range(3)), cfg)
+    step, o_step = next(iter(traj)), next(iter(other))
+    with step_context(o_step.ctx), torch.no_grad():
+        _, cache_b = hooked.run_with_cache(other.model_input(o_step), o_step.t, other.cond,
+                                           names_filter=[HOOK_0, HOOK])
+    t = float(step.t)
+
+    def replace(sae, h_b):
+        def fn(act, hook):
+            h = act[:3]
+            tt = torch.full((h.shape[0] * h.shape[1],), t, device=h.device)
+            z_a = sae.encode(h.reshape(-1, 16), tt)
+            z_b = sae.encode(h_b.reshape(-1, 16), tt)
+            act = act.clone()
+            act[:3] = h + ((z_b - z_a) @ sae.fold(t).W_dec[0]).reshape(h.shape)
+            return act
+        return fn
+
+    with torch.no_grad():
+        fwd = [(HOOK_0, replace(saes[0], cache_b[HOOK_0][:3])), (HOOK, replace(saes[1], cache_b[HOOK][:3]))]
+        traj.advance(step, traj.predict(step, fwd))
+    got = sample_patched(tiny_dit, saes, conds, targets, seeds, cfg, decode=False).latents
+    torch.testing.assert_close(got, traj.x.float().cpu(), atol=2e-5, rtol=1e-4)
+    singles = [sample_patched(tiny_dit, s, conds, targets, seeds, cfg, decode=False).latents for s in saes]
+    assert all((got - one).abs().max() > 1e-4 for one in singles)  # both hooks contribute
+
+
+def test_two_hooks_toward_the_own_condition_and_removal_run(tiny_dit, device):
+    saes = [make_sae_at(device, HOOK_0, 2), make_sae_at(device, HOOK, 3)]
+    conds, seeds = [0, 2, NULL_CONDITION], [1, 2, 3]
+    plain = sample(tiny_dit, conds, seeds, CFG, decode=False).latents
+    own = sample_patched(tiny_dit, saes, conds, conds, seeds, CFG, decode=False).latents
+    # floating-point noise of the first patch reaches the second hook's top-k: zero up to that
+    torch.testing.assert_close(own, plain, atol=1e-3, rtol=1e-3)
+    strict = sample_removed(tiny_dit, saes, conds, seeds, 1, CFG, gate=1.0, decode=False).latents
+    torch.testing.assert_close(strict, plain, atol=1e-5, rtol=1e-4)  # no generation of class 1: nothing edited
+    removed = sample_removed(tiny_dit, saes, [1, 1], [1, 2], 1, CFG, gate=0.5, decode=False).latents
+    assert (removed - sample(tiny_dit, [1, 1], [1, 2], CFG, decode=False).latents).abs().max() > 1e-4
+
+
+def test_several_saes_refusals(tiny_dit, device):
+    a, b = make_sae_at(device, HOOK, 2), make_sae_at(device, HOOK, 3)
+    with pytest.raises(TideError, match="distinct hooks"):
+        sample_patched(tiny_dit, [a, b], [0], [1], [0], CFG)
+    c = make_sae_at(device, HOOK_0, 4)
+    with pytest.raises(TideError, match="one SAE"):
+        sample_patched(tiny_dit, [a, c], [0], [1], [0], CFG, features=[1, 2])
+    with pytest.raises(TideError, match="one SAE"):
+        feature_effects(tiny_dit, [a, c], [0], [0], 1, [1], lambda im: im.mean((1, 2, 3)), CFG)
+    with pytest.raises(TideError, match="at least one SAE"):
+        sample_patched(tiny_dit, [], [0], [1], [0], CFG)
+
+
+def test_cli_extra_saes_patch_several_hooks(tiny_dit_dir, tmp_path, capsys):
+    import numpy as np
+
+    from tide.cli import main
+    from tide.models import load_backbone
+    from tide.sae import save_sae
+
+    saes = [make_sae_at("cpu", HOOK, 2), make_sae_at("cpu", HOOK_0, 3)]
+    save_sae(saes[0], tmp_path / "a")
+    save_sae(saes[1], tmp_path / "b")
+    base = ["steer", "--sae", str(tmp_path / "a"), "--backbone", str(tiny_dit_dir), "--device", "cpu",
+            "--num-steps", "3", "--guidance-scale", "2", "--n", "2", "--seed", "4", "--classes", "0"]
+    npz = tmp_path / "m.npz"
+    assert main(base + ["--toward", "3", "--extra-saes", str(tmp_path / "b"), "--out", str(tmp_path / "m.png"),
+                        "--save-images", str(npz)]) == 0
+    backbone = load_backbone(str(tiny_dit_dir), device="cpu")
+    want = sample_patched(backbone, saes, [0, 0], [3, 3], [4, 5], CFG)
+    with np.load(npz) as got:
+        np.testing.assert_allclose(got["after"], want.images.numpy(), atol=1e-5)
+    out = ["--out", str(tmp_path / "r.png")]
+    assert main(base + ["--features", "1", "--extra-saes", str(tmp_path / "b")] + out) == 2
+    assert main(base + ["--toward", "3", "--recipe", "profile", "--extra-saes", str(tmp_path / "b")] + out) == 2
+    assert main(base + ["--toward", "3", "--extra-saes", str(tmp_path / "a")] + out) == 2
+    assert not (tmp_path / "r.png").exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("tide steer: error: ") for line in err)
+    assert "--features edits" in err[0] and "patch recipe" in err[1] and "distinct hooks" in err[2]

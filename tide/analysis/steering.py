@@ -362,6 +362,9 @@ class SteerConfig(GenerationConfig, BackboneConfig):
     """Denoising steps."""
     sae: str = "runs/sae/tide"
     """SAE directory; its hook is where the edit happens."""
+    extra_saes: list[str] | None = None
+    """--toward / --remove with the patch recipe: SAEs at further hooks (directories, each at its own hook of the
+    same backbone) patched together with --sae, in one forward pass, so the edit is spread over several blocks."""
     features: list[int] | None = None
     """Feature ids to edit (required)."""
     mode: str = "add"
@@ -478,6 +481,7 @@ class SteerConfig(GenerationConfig, BackboneConfig):
             raise TideError(f"--save-images writes an .npz file, got {self.save_images!r}")
         out, summary, images = self.outputs()  # before the SAE and the backbone are loaded
         sae = load_sae(self.sae, device="cpu")
+        extras = [load_sae(p, device="cpu") for p in (self.extra_saes or [])]
         spec = self.backbone or sae.cfg.backbone or DEFAULT_BACKBONE
         prompts = self.prompts or sae.cfg.prompts or None
         if profiled:
@@ -490,6 +494,20 @@ class SteerConfig(GenerationConfig, BackboneConfig):
             backbone = load_backbone(spec, prompts=prompts, device=self.device, dtype=self.dtype)
             default_classes = list(range(backbone.num_conditions))
         sae = sae.to(backbone.device)
+        if extras:
+            if not profiled:
+                raise TideError("--extra-saes spreads a --toward / --remove patch over several hooks: drop it for "
+                                "--features edits, or edit each SAE's features in its own run")
+            if self.recipe == "profile" or self.profile:
+                raise TideError("--extra-saes works with the patch recipe: drop --recipe profile / --profile, or "
+                                "drop --extra-saes")
+            named = {getattr(e.cfg, "backbone", None) for e in extras} - {None, ""}
+            if sae.cfg.backbone and named - {sae.cfg.backbone}:
+                raise TideError(f"the --extra-saes were trained on {sorted(named)} but --sae on "
+                                f"{sae.cfg.backbone!r}: give SAEs of one backbone")
+            from tide.analysis.feature_patch import check_saes
+
+            sae = check_saes([sae] + [e.to(backbone.device) for e in extras])
         classes = default_classes if self.classes is None else list(self.classes)
         from tide.models.base import NULL_CONDITION
 
@@ -573,6 +591,9 @@ class SteerConfig(GenerationConfig, BackboneConfig):
         if self.keep_outside and (self.remove is not None or word or self.recipe == "profile" or self.profile):
             raise TideError("--keep-outside works with the patch recipe (--toward a condition); drop it here")
         patch = not word and self.recipe != "profile" and not self.profile
+        if isinstance(sae, list) and not patch:
+            raise TideError("--extra-saes works with the patch recipe, which steers toward a condition: a word uses a "
+                            "steering profile at --sae's hook, so drop --extra-saes")
         if patch and self.toward is not None:
             return self._run_patched(sae, backbone, conds, seeds, config, mask, target, (int(self.from_step), stop))
         if patch:
