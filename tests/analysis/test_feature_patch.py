@@ -441,3 +441,44 @@ def test_cli_extra_saes_patch_several_hooks(tiny_dit_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("tide steer: error: ") for line in err)
     assert "--features edits" in err[0] and "patch recipe" in err[1] and "distinct hooks" in err[2]
+
+
+def test_cli_choose_features_by_effect(tmp_path, capsys):
+    """On an embedded model (it has an evaluation classifier): the JSON names the chosen features, best first,
+    drawn from the candidates, and the edit is the feature patch restricted to them."""
+    import json
+
+    import numpy as np
+
+    from tide.cli import main
+    from tide.models import load_backbone
+    from tide.models.base import NULL_CONDITION
+    from tide.sae import save_sae
+
+    backbone = load_backbone("fmnist-pixart", device="cpu")
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=128, d_sae=64, k=8, normalization="none", hook="blocks.4.hook_resid_post",
+                        backbone="fmnist-pixart"))
+    with torch.no_grad():
+        sae.W_enc.normal_()
+    save_sae(sae, tmp_path / "sae")
+    base = ["steer", "--sae", str(tmp_path / "sae"), "--device", "cpu", "--num-steps", "2", "--guidance-scale", "2",
+            "--n", "2", "--seed", "3", "--unconditional", "--toward", "1"]
+    npz = tmp_path / "e.npz"
+    assert main(base + ["--choose-features", "effect", "--top-features", "3", "--out", str(tmp_path / "e.png"),
+                        "--save-images", str(npz)]) == 0
+    doc = json.loads((tmp_path / "e.json").read_text())
+    chosen = doc["chosen_features"]
+    assert len(chosen) == 3 and len({c["feature"] for c in chosen}) == 3
+    assert [c["effect"] for c in chosen] == sorted((c["effect"] for c in chosen), reverse=True)
+    want = sample_patched(backbone, sae, [NULL_CONDITION] * 2, [1, 1], [3, 4],
+                          SamplerConfig(num_steps=2, guidance_scale=2.0), features=[c["feature"] for c in chosen])
+    with np.load(npz) as got:
+        np.testing.assert_allclose(got["after"], want.images.numpy(), atol=1e-5)
+    out = ["--out", str(tmp_path / "r.png")]
+    assert main(base + ["--choose-features", "mass"] + out) == 2
+    assert main(base + ["--choose-features", "effect", "--recipe", "profile"] + out) == 2
+    assert main(base + ["--choose-features", "effect", "--top-features", "40"] + out) == 2
+    assert not (tmp_path / "r.png").exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and "all or effect" in err[0] and "patch recipe" in err[1] and "1..32" in err[2]

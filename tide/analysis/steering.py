@@ -39,6 +39,7 @@ from typing import Literal, Sequence
 
 import torch
 
+from tide.analysis.feature_stats import HookScale  # noqa: F401  (R(t), measured with the statistics)
 from tide.branches import COND
 from tide.config import DEFAULT_BACKBONE, BackboneConfig, GenerationConfig
 from tide.device import eval_mode
@@ -80,30 +81,6 @@ class FeatureEdit:
             raise TideError(f"feature edit mode must be one of {MODES}, got {self.mode!r}")
         if self.scale not in SCALES:
             raise TideError(f"feature edit scale must be one of {SCALES}, got {self.scale!r}")
-
-
-@dataclass(frozen=True)
-class HookScale:
-    """R(t): the RMS norm of a hook's activation vectors at the recorded timesteps of unedited generations
-    (:attr:`tide.analysis.feature_stats.FeatureStats.act_rms_step`); read at the nearest recorded timestep."""
-
-    hook: str
-    """The hook it was measured at."""
-    timesteps: tuple[float, ...]
-    """Recorded timesteps."""
-    rms: tuple[float, ...]
-    """R(t) at each of them."""
-
-    @classmethod
-    def from_stats(cls, stats) -> "HookScale":
-        keep = [i for i, r in enumerate(stats.act_rms_step) if math.isfinite(float(r))]
-        if not keep:
-            raise TideError("the feature statistics hold no activation norms: recompute them with `tide stats`")
-        return cls(stats.hook, tuple(float(stats.timesteps[i]) for i in keep), tuple(float(stats.act_rms_step[i]) for i in keep))
-
-    def at(self, t: float) -> float:
-        i = min(range(len(self.timesteps)), key=lambda j: abs(self.timesteps[j] - float(t)))
-        return self.rms[i]
 
 
 def _check_edits(edits: Sequence[FeatureEdit], d_sae: int) -> list[FeatureEdit]:
@@ -342,13 +319,19 @@ class SteerResult:
     """Fraction of the originals the evaluation classifier assigns to the target class."""
     target_rate_after: float | None = None
     """The same fraction for the edited generations."""
+    chosen_features: list | None = None
+    """With --choose-features effect: the patched features, best first, each {"feature", "effect"} (the mean rise
+    in the classifier's probability of the target when it is patched alone)."""
 
     def to_dict(self) -> dict:
-        """The JSON summary: config, grid, pixel_change, and the target_* entries when a target was given."""
+        """The JSON summary: config, grid, pixel_change, the target_* entries when a target was given, and the
+        chosen features when they were chosen by effect."""
         out = {"config": self.config, "grid": str(self.grid_path), "pixel_change": self.pixel_change}
         if self.target_class is not None:
             out.update(target_class=self.target_class, target_rate_before=self.target_rate_before,
                        target_rate_after=self.target_rate_after)
+        if self.chosen_features is not None:
+            out["chosen_features"] = self.chosen_features
         return out
 
 
@@ -430,6 +413,13 @@ class SteerConfig(GenerationConfig, BackboneConfig):
     top_features: int | None = None
     """--toward / --remove: each condition's features of largest shift to use (default: all the profile kept); with
     --recipe patch, the features patched per token, those whose latents differ most (default: every feature)."""
+    choose_features: str = "all"
+    """--toward a condition with the patch recipe: which features are patched. all: every feature (or, with
+    --top-features k, the k per token whose latents differ most); effect: a fixed set of --top-features (default 8)
+    features chosen by causal effect: among the 32 of largest null -> target shift (a steering profile over 8
+    null-condition generations, seeds 50000..), those that most raise the evaluation classifier's probability of
+    the target when each is patched alone into 4 null-condition generations (seeds 60000..). The chosen features and
+    their effects go into the JSON summary."""
     save_images: str | None = None
     """Also write before and after images (N, C, H, W in [0, 1]), conds and seeds to this .npz."""
     out: str = "runs/steer.png"
@@ -469,6 +459,12 @@ class SteerConfig(GenerationConfig, BackboneConfig):
         if not self.features and not profiled:
             raise TideError("name the features to edit (--features 12,40) or a condition to steer toward or away "
                             "from (--toward 8, --remove 1)")
+        if self.choose_features not in ("all", "effect"):
+            raise TideError(f"--choose-features is all or effect, got {self.choose_features!r}")
+        if self.choose_features == "effect" and (self.toward is None or self.recipe == "profile" or self.profile
+                                                 or self.extra_saes):
+            raise TideError("--choose-features effect picks features for the patch recipe toward a condition, at one "
+                            "SAE: use it with --toward B (no --recipe profile, --profile or --extra-saes)")
         if self.keep_outside and not self.mask:
             raise TideError("--keep-outside keeps what lies outside --mask: name a region (--mask upper)")
         if self.keep_outside and not profiled:
@@ -638,13 +634,52 @@ class SteerConfig(GenerationConfig, BackboneConfig):
         if self.branch not in (None, "cond"):
             raise TideError(f"a feature patch edits the conditional rows only (got --branch {self.branch}): drop "
                             "--branch, or use --recipe profile")
+        strength = 1.0 if self.strength is None else self.strength
+        chosen, top = None, self.top_features
+        if self.choose_features == "effect":
+            chosen = self._features_by_effect(sae, backbone, config, target, strength)
+            top = None
         before = sample(backbone, conds, seeds, config)
-        after = sample_patched(backbone, sae, conds, [target] * len(conds), seeds, config,
-                               strength=1.0 if self.strength is None else self.strength,
-                               top_features=self.top_features, steps=window, mask=mask,
-                               keep_outside=self.keep_outside)
+        after = sample_patched(backbone, sae, conds, [target] * len(conds), seeds, config, strength=strength,
+                               top_features=top, features=None if chosen is None else [c["feature"] for c in chosen],
+                               steps=window, mask=mask, keep_outside=self.keep_outside)
         cls = self.target_class if self.target_class is not None else target
-        return before, after, self._classifier_rates(backbone, before, after, cls, self.target_class is not None)
+        rates = self._classifier_rates(backbone, before, after, cls, self.target_class is not None)
+        return before, after, rates if chosen is None else {**rates, "chosen_features": chosen}
+
+    def _features_by_effect(self, sae, backbone, config, target: int, strength: float,
+                            candidates: int = 32) -> list[dict]:
+        """The --top-features (default 8) features of largest causal effect on the evaluation classifier's
+        probability of ``target`` (see ``choose_features``), best first, as {"feature", "effect"}."""
+        from tide.analysis.feature_patch import feature_effects
+        from tide.analysis.steering_profile import measure_profile
+        from tide.eval.classifier import load_classifier
+        from tide.models.base import NULL_CONDITION
+
+        try:
+            clf = load_classifier(backbone, device=backbone.device)
+        except TideError as exc:
+            raise TideError(f"--choose-features effect scores images with the evaluation classifier, and this "
+                            f"backbone has none ({exc}): use --choose-features all") from None
+        if not 0 <= target < int(clf.config["num_classes"]):
+            raise TideError(f"--choose-features effect needs a target the evaluation classifier knows (one of its "
+                            f"{clf.config['num_classes']} classes), got condition {target}")
+        keep = 8 if self.top_features is None else int(self.top_features)
+        if not 1 <= keep <= candidates:
+            raise TideError(f"--top-features with --choose-features effect picks 1..{candidates} of the {candidates} "
+                            f"candidates, got {keep}")
+        prof = measure_profile(backbone, sae, [target], config, num_samples=8, keep=candidates, progress=False)
+        cands = prof.condition(target).features_M.tolist()
+        seeds = [60_000 + i for i in range(4)]
+
+        def score(images):
+            with torch.no_grad(), eval_mode(clf):
+                return torch.softmax(clf(images.to(backbone.device)), -1)[:, target].cpu()
+
+        eff = feature_effects(backbone, sae, [NULL_CONDITION] * len(seeds), seeds, target, cands, score, config,
+                              strength=strength)
+        order = eff.argsort(descending=True)[:keep].tolist()
+        return [{"feature": int(cands[i]), "effect": float(eff[i])} for i in order]
 
 
     def _run_removed(self, sae, backbone, conds, seeds, config, mask, target: int, window):
