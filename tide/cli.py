@@ -143,7 +143,9 @@ def _dashboard(config) -> int:
     from tide.analysis.dashboard import export_dashboard
 
     result = export_dashboard(config)
-    print(f"dashboard of {result.num_features} features, {result.num_images} images -> {result.index_path} "
+    print(f"feature atlas of {result.num_features} features ({result.num_images} top images from "
+          f"{result.num_samples} regenerated samples, causal strips for {result.num_effects}; "
+          f"{result.bytes / 1e6:.1f} MB in {result.seconds.get('total', 0):.0f} s) -> {result.index_path} "
           "(open it in a browser; no server needed)")
     return 0
 

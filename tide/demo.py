@@ -51,8 +51,10 @@ class DemoConfig(GenerationConfig, BackboneConfig):
     """Active latents per row of the demo's SAEs."""
     splice_samples: int = 5
     """Samples per class generated with each SAE spliced in at every step (0 skips it)."""
-    dashboard_features: int = 16
-    """Features of the TIDE SAE shown in the demo dashboard (the most frequent ones)."""
+    dashboard_features: int = 0
+    """Features of the TIDE SAE shown in the demo's atlas (the most frequent ones); 0 = every firing feature."""
+    dashboard_effects: int = 24
+    """Features of the atlas given causal strips (added / removed; the most frequent ones), 6 generations each."""
     steer_samples: int = 8
     """Null-condition generations steered toward each class in the demo's steering grid."""
     steer_strength: float = 0.5
@@ -64,8 +66,9 @@ class DemoConfig(GenerationConfig, BackboneConfig):
 
     def validate(self) -> "DemoConfig":
         """Refuse (one line) sizes that cannot run; called before anything is loaded or written."""
-        for name in ("num_steps", "n_per_class", "capture_samples", "train_steps", "d_sae", "k", "dashboard_features",
-                     "steer_samples"):
+        if self.dashboard_features < 0 or self.dashboard_effects < 0:
+            raise TideError("dashboard_features and dashboard_effects must be >= 0 (0 features = every firing one)")
+        for name in ("num_steps", "n_per_class", "capture_samples", "train_steps", "d_sae", "k", "steer_samples"):
             if getattr(self, name) < 1:
                 raise TideError(f"{name} must be >= 1, got {getattr(self, name)}: pass --{name.replace('_', '-')} 1 "
                                 "or more")
@@ -221,11 +224,18 @@ def run_demo(config: DemoConfig) -> dict:
     print(f"[demo] feature statistics of {alive} firing features over {stats.rows:,} rows in {seconds:.1f} s "
           f"-> {stats_path}")
     dashboard = export_dashboard(DashboardConfig(stats=str(stats_path), out=str(out / "dashboard"),
-                                                 max_features=config.dashboard_features, images_per_feature=3,
+                                                 max_features=config.dashboard_features,
+                                                 effect_features=config.dashboard_effects,
                                                  device=config.device, progress=False, overwrite=True),
                                  backbone=backbone)
     artefacts["dashboard"] = str(dashboard.index_path)
-    print(f"[demo] dashboard of {dashboard.num_features} features -> open {dashboard.index_path}")
+    summary["dashboard"] = {"features": dashboard.num_features, "images": dashboard.num_images,
+                            "samples": dashboard.num_samples, "causal_strips": dashboard.num_effects,
+                            "megabytes": round(dashboard.bytes / 1e6, 2),
+                            "seconds": {k: round(v, 2) for k, v in dashboard.seconds.items()}}
+    print(f"[demo] feature atlas of {dashboard.num_features} features ({dashboard.num_images} top images from "
+          f"{dashboard.num_samples} regenerated samples, causal strips for {dashboard.num_effects}) in "
+          f"{dashboard.seconds['total']:.1f} s -> open {dashboard.index_path}")
 
     # 7. steering: null-condition generations steered toward each class by patching the activation SAE's features,
     #    step by step, toward what the class prompt gives on the same latents; the rate the evaluation classifier

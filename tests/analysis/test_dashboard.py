@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tide.analysis import compute_feature_stats, save_feature_stats
-from tide.analysis.dashboard import DashboardConfig, export_dashboard
+from tide.analysis.dashboard import DashboardConfig, decode_heat, export_dashboard
 from tide.analysis.dashboard_html import json_for_html
 from tide.analysis.regenerate import capture_sample, regenerate, top_occurrences
 from tide.analysis.labels import auto_label, load_labels
@@ -26,13 +26,13 @@ from tide.sampling import SamplerConfig, sample
 HOOK = "blocks.1.hook_resid_post"
 XSS = "<script>alert(1)</script>"
 FEATURE_KEYS = {"id", "label", "auto_label", "user_label", "page", "frequency", "mean_act", "mean_act_firing",
-                "top_class_id", "top_class", "top_auroc", "peak_step", "peak_timestep", "profile", "auroc",
-                "class_mean_act", "neighbours", "images"}
+                "max_act", "top_class_id", "top_class", "top_auroc", "peak_step", "peak_timestep", "profile", "auroc",
+                "class_mean_act", "histogram", "neighbours", "images", "effects"}
 IMAGE_KEYS = {"sample_id", "cond", "cond_name", "seed", "step", "timestep", "token", "value", "regenerated_value",
-              "heatmap"}
-TOP_KEYS = {"schema", "schema_version", "tide_version", "hook", "stats_path", "sae_path", "dataset_path", "backbone",
-            "num_steps", "guidance_scale", "cfg_branch", "num_features", "condition_names", "patch_grid", "steps",
-            "timesteps", "features"}
+              "image", "frames", "heat"}
+TOP_KEYS = {"schema", "schema_version", "tide_version", "hook", "sae_target", "stats_path", "sae_path", "dataset_path", "backbone",
+            "num_steps", "guidance_scale", "cfg_branch", "num_features", "num_shown", "condition_names", "patch_grid",
+            "steps", "timesteps", "histogram_edges", "effects", "image_px", "picture_size", "features"}
 
 
 @pytest.fixture
@@ -57,7 +57,8 @@ def test_dashboard_pages_json_escaping_and_regeneration(analysed, tmp_path):
     labels.write_text(json.dumps({str(features[0]): XSS}))
     out = tmp_path / "dash"
     result = export_dashboard(DashboardConfig(stats=str(analysed.stats_path), out=str(out), features=features,
-                                              images_per_feature=2, labels=str(labels), device="cpu", progress=False))
+                                              images_per_feature=2, labels=str(labels), device="cpu", progress=False,
+                                              effect_features=0, neighbours=5))
     index = result.index_path
     assert index == out / "index.html"
     pages = {f: out / "features" / f"f{f}.html" for f in features}
@@ -71,7 +72,7 @@ def test_dashboard_pages_json_escaping_and_regeneration(analysed, tmp_path):
     for f, page in pages.items():
         assert f'href="features/f{f}.html"' in index_text
         assert 'href="../index.html"' in page.read_text()
-    for page in [index, *pages.values()]:
+    for page in [index, *pages.values(), *(out / "assets").glob("*")]:
         text = page.read_text()
         assert not re.search(r'(src|href)\s*=\s*["\']?\s*(https?:)?//', text, re.I)
         assert "http://" not in text and "https://" not in text
@@ -80,14 +81,14 @@ def test_dashboard_pages_json_escaping_and_regeneration(analysed, tmp_path):
             "\\u003cscript\\u003ealert(1)\\u003c/script\\u003e", "")
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in index_text
     assert "&lt;script&gt;" in pages[features[0]].read_text()
-    # each neighbour link points at a page of this dashboard
-    for f, page in pages.items():
-        for target in re.findall(r'href="(f\d+\.html)"', page.read_text()):
-            assert (out / "features" / target).is_file()
+    # every file a page references exists in the dashboard
+    for page in [index, *pages.values()]:
+        for target in re.findall(r'(?:src|href)="([^"#]+)"', page.read_text()):
+            assert (page.parent / target).resolve().is_file(), (page.name, target)
 
     # dashboard.json: the documented keys
     doc = json.loads((out / "dashboard.json").read_text())
-    assert set(doc) == TOP_KEYS and doc["schema"] == "tide.dashboard"
+    assert set(doc) == TOP_KEYS and doc["schema"] == "tide.dashboard" and doc["schema_version"] == 2
     assert [r["id"] for r in doc["features"]] == features
     for r in doc["features"]:
         assert set(r) == FEATURE_KEYS
@@ -96,6 +97,9 @@ def test_dashboard_pages_json_escaping_and_regeneration(analysed, tmp_path):
         assert len(r["neighbours"]) == 5 and r["id"] not in [n["id"] for n in r["neighbours"]]
         for im in r["images"]:  # the regenerated trajectory reproduces the captured activation
             assert im["regenerated_value"] == pytest.approx(im["value"], rel=2e-2, abs=2e-2)
+            heat = decode_heat(im["heat"])
+            assert heat.shape == tuple(doc["patch_grid"]) and int(np.argmax(heat)) == im["token"]
+            assert heat.max() == pytest.approx(im["regenerated_value"], rel=1e-6)
     assert doc["features"][0]["label"] == XSS and doc["features"][0]["user_label"] == XSS
     assert doc["features"][1]["label"] == auto_label(stats, features[1])
 
@@ -203,3 +207,136 @@ def test_load_labels_reads_ids_and_reports_a_missing_file(tmp_path):
     assert load_labels(path) == {3: "sole", 12: "background"}
     with pytest.raises(TideError, match="does not exist"):
         load_labels(tmp_path / "missing.json")
+
+
+def test_every_firing_feature_gets_a_page_and_each_sample_is_written_once(analysed, tmp_path):
+    stats = analysed.stats
+    out = tmp_path / "atlas"
+    result = export_dashboard(DashboardConfig(stats=str(analysed.stats_path), out=str(out), images_per_feature=12,
+                                              effect_features=0, device="cpu", progress=False))
+    firing = set(np.flatnonzero(stats.frequency > 0).tolist())
+    assert set(result.features) == firing and len(firing) < stats.num_features
+    freq = [stats.frequency[f] for f in result.features]
+    assert freq == sorted(freq, reverse=True)  # most frequent first
+    assert {p.name for p in (out / "features").iterdir()} == {f"f{f}.html" for f in firing}
+    doc = json.loads((out / "dashboard.json").read_text())
+    used = {im["sample_id"] for r in doc["features"] for im in r["images"]}
+    assert {p.name for p in (out / "images").iterdir()} == {f"s{s}.png" for s in used}  # one picture per sample
+    assert result.num_samples == len(used) <= 8 < result.num_images
+    # top images: each feature's distinct samples of largest image-level activation, read independently
+    for r in doc["features"]:
+        best = stats.image_acts_step[:, :, r["id"]].max(1)
+        want = [s for s in np.argsort(-best, kind="stable") if best[s] > 0][:12]
+        assert [im["sample_id"] for im in r["images"]] == [int(s) for s in want]
+        assert [im["value"] for im in r["images"]] == pytest.approx([float(best[s]) for s in want])
+
+
+def test_heat_maps_travel_as_8_bit_arrays():
+    from tide.analysis.dashboard import encode_heat
+
+    heat = np.array([[0.0, 1.5], [3.0, 0.25]])
+    entry = encode_heat(heat)
+    assert entry["shape"] == [2, 2] and entry["max"] == 3.0
+    np.testing.assert_allclose(decode_heat(entry), heat, atol=3.0 / 510)
+    assert decode_heat(encode_heat(np.zeros((2, 3)))).max() == 0
+
+
+def test_causal_strips_equal_the_steering_api_on_the_same_seeds(analysed, tmp_path):
+    """Added = a norm-relative add edit (tide.analysis.steering) on the null condition; removed = an ablate edit
+    on the feature's own top samples: the atlas's batched jobs against the steering API, one feature at a time."""
+    from tide.analysis.dashboard import _strips, top_samples
+    from tide.analysis.steering import FeatureEdit, HookScale, edit_generation
+    from tide.models.base import NULL_CONDITION
+    from tide.sae import load_sae
+
+    stats = analysed.stats
+    manifest = ActivationStore(analysed.data).manifest
+    backbone = load_backbone(str(analysed.backbone), device="cpu")
+    sae = load_sae(analysed.sae).eval()
+    features = [int(f) for f in np.argsort(-stats.frequency)[:3]]
+    occ = top_samples(stats, features, 4)
+    config = DashboardConfig(stats=str(analysed.stats_path), effect_features=2, effect_samples=2,
+                             effect_strength=0.7, effect_seed=123, device="cpu", progress=False, batch_size=5)
+    meta, got = _strips(config, stats, sae, manifest, backbone, features, occ)
+    assert meta["seeds"] == [123, 124] and set(got["strips"]) == set(features[:2])
+    scale = HookScale.from_stats(stats)
+    sconf = SamplerConfig(num_steps=4, guidance_scale=manifest["config"]["guidance_scale"])
+    for f in features[:2]:
+        before, added = edit_generation(backbone, sae, [NULL_CONDITION] * 2, [123, 124], sconf,
+                                        [FeatureEdit(f, "add", alpha=0.7, scale="norm")], hook_scale=scale)
+        torch.testing.assert_close(got["base"], before.images, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got["strips"][f].added, added.images, atol=1e-4, rtol=1e-4)
+        conds, seeds = zip(*(capture_sample(manifest, backbone, o.sample_id) for o in occ[f][:2]))
+        _, removed = edit_generation(backbone, sae, conds, seeds, sconf, [FeatureEdit(f, "ablate")])
+        torch.testing.assert_close(got["strips"][f].removed, removed.images, atol=1e-4, rtol=1e-4)
+        assert (got["strips"][f].added - before.images).abs().max() > 1e-3  # the edit did something
+
+
+def test_atlas_pages_show_the_strips_and_json_records_them(analysed, tmp_path):
+    out = tmp_path / "atlas"
+    result = export_dashboard(DashboardConfig(stats=str(analysed.stats_path), out=str(out), images_per_feature=3,
+                                              effect_features=2, effect_samples=2, device="cpu", progress=False))
+    doc = json.loads((out / "dashboard.json").read_text())
+    with_strips = [r for r in doc["features"] if r["effects"]]
+    assert result.num_effects == 2 and [r["id"] for r in with_strips] == list(result.features[:2])
+    assert doc["effects"]["seeds"] and (out / doc["effects"]["base"]).is_file()
+    for r in with_strips:
+        assert (out / r["effects"]["strip"]).is_file() and r["effects"]["added"]["count"] == 2
+        assert r["effects"]["removed"]["samples"] == [im["sample_id"] for im in r["images"][:2]]
+        assert r["effects"]["added"]["change"] > 0
+        page = (out / r["page"]).read_text()
+        assert "feature added" in page and "feature removed" in page and f"../effects/f{r['id']}.png" in page
+    other = [r for r in doc["features"] if not r["effects"]][0]
+    assert "raise effect_features" in (out / other["page"]).read_text()
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(images_per_feature=-1), "must be >= 0"), (dict(effect_features=-2), "effect_features >= -1"),
+    (dict(effect_strength=-1.0), "effect_strength"), (dict(batch_size=0), "batch_size >= 1")])
+def test_config_refuses_bad_sizes(kw, message):
+    with pytest.raises(TideError, match=message):
+        DashboardConfig(**kw)
+
+
+def test_neuronpedia_export_holds_every_feature_and_its_heat_maps(analysed, tmp_path):
+    import gzip
+
+    from tide.analysis.neuronpedia import ACTIVATION_FIELDS, EXPLANATION_FIELDS, FEATURE_FIELDS, token_names
+
+    out = tmp_path / "atlas"
+    labels = tmp_path / "labels.json"
+    firing = [int(f) for f in np.flatnonzero(analysed.stats.frequency > 0)]
+    labels.write_text(json.dumps({str(firing[0]): "sole <b>"}))
+    export_dashboard(DashboardConfig(stats=str(analysed.stats_path), out=str(out), images_per_feature=3,
+                                     effect_features=0, neuronpedia=True, labels=str(labels), device="cpu",
+                                     progress=False))
+    doc = json.loads((out / "dashboard.json").read_text())
+    folders = list((out / "neuronpedia").glob("*/*"))
+    assert len(folders) == 1 and folders[0].name == "1-tide-res-post"
+
+    def rows(sub):
+        got = []
+        for path in sorted((folders[0] / sub).glob("batch-*.jsonl.gz")):
+            with gzip.open(path, "rt", encoding="utf-8") as fh:
+                got += [json.loads(line) for line in fh]
+        return got
+
+    feats, acts, expl = rows("features"), rows("activations"), rows("explanations")
+    assert [int(r["index"]) for r in feats] == [r["id"] for r in doc["features"]]
+    assert all(tuple(r) == FEATURE_FIELDS for r in feats) and all(tuple(a) == ACTIVATION_FIELDS for a in acts)
+    assert all(tuple(e) == EXPLANATION_FIELDS for e in expl)
+    by_id = {r["id"]: r for r in doc["features"]}
+    assert len(acts) == sum(len(r["images"]) for r in doc["features"])
+    for a in acts:
+        r = by_id[int(a["index"])]
+        im = r["images"][int(a["id"].rsplit("-", 1)[1])]
+        assert a["dataIndex"] == str(im["sample_id"]) and a["tokens"] == token_names(doc["patch_grid"])
+        np.testing.assert_allclose(a["values"], decode_heat(im["heat"]).reshape(-1), atol=1e-5)
+        assert a["maxValueTokenIndex"] == im["token"] and a["maxValue"] == pytest.approx(max(a["values"]))
+    for f in feats:
+        r = by_id[int(f["index"])]
+        assert f["frac_nonzero"] == r["frequency"] and f["maxActApprox"] == r["max_act"]
+        assert f["topkCosSimIndices"] == [n["id"] for n in r["neighbours"]]
+        if r["histogram"]:
+            assert sum(f["freq_hist_data_bar_heights"]) == sum(r["histogram"]["counts"]) > 0
+    assert {e["index"]: e["description"] for e in expl}[str(firing[0])] == "sole <b>"

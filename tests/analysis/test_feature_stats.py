@@ -51,6 +51,39 @@ def all_rows(path, branch=0):
     return store, x, {c: v[keep] for c, v in meta.items()}
 
 
+EDGES = np.logspace(-4, 4, 65)  # the histogram's bins, written out independently of the module: 8 per decade
+
+
+def reference_histogram(z_f: np.ndarray) -> np.ndarray:
+    """np.histogram of one feature's firing latents, clipped into [first edge, last edge] so that values outside
+    the range land in the first or the last bin (np.histogram's last bin is closed on the right)."""
+    v = z_f[z_f > 0]
+    return np.histogram(np.clip(v, EDGES[0], EDGES[-1]), bins=EDGES)[0]
+
+
+def near_an_edge(z_f: np.ndarray, rel: float = 1e-5) -> bool:
+    """Whether a firing latent lies so close to an inner edge that float rounding in the batched pass could move
+    it across (the pass encodes in batches, maybe on the GPU; the reference encodes every row at once)."""
+    v = z_f[z_f > 0]
+    return bool((np.abs(v[:, None] / EDGES[None, 1:-1] - 1) < rel).any())
+
+
+def check_histogram(stats: FeatureStats, z: np.ndarray, min_exact: int = 8) -> None:
+    """Each feature's histogram sums to its fire count and equals numpy's on the reference latents (exactly, for
+    the features with no latent within float rounding of an edge: at least ``min_exact`` of them)."""
+    F = z.shape[1]
+    assert stats.hist_count.shape == (F, 64) and stats.hist_count.dtype == np.int64
+    assert stats.hist_edges.dtype == np.float64
+    np.testing.assert_array_equal(stats.hist_edges, EDGES)
+    np.testing.assert_array_equal(stats.hist_count.sum(1), stats.fire_count)
+    np.testing.assert_array_equal(stats.hist_count.sum(1), (z > 0).sum(0))
+    exact = [f for f in range(F) if not near_an_edge(z[:, f])]
+    assert len(exact) >= min_exact
+    for f in exact:
+        np.testing.assert_array_equal(stats.hist_count[f], reference_histogram(z[:, f]), err_msg=f"feature {f}")
+    assert (stats.hist_count > 0).sum(1).max() > 1  # the latents spread over several bins: the check has teeth
+
+
 def pairwise_auroc(score, label, c):
     pos, neg = score[label == c], score[label != c]
     if len(pos) == 0 or len(neg) == 0:
@@ -128,6 +161,8 @@ def check_against_reference(stats: FeatureStats, sae: SAE, path):
     T = int(np.prod(grid))
     ref_map = np.stack([z[meta["token"] == t].mean(0) for t in range(T)]).T.reshape(F, *grid)
     np.testing.assert_allclose(stats.spatial_mean, ref_map, rtol=1e-5, atol=1e-7)
+
+    check_histogram(stats, z)
     return z
 
 
@@ -142,8 +177,9 @@ def test_topk_sae_matches_brute_force(dataset, tmp_path):
     assert out.name == "feature_stats.h5" and not list(tmp_path.glob("*.tmp"))
     back = load_feature_stats(out)
     for name in ("topk_value", "topk_sample", "topk_timestep", "auroc", "auroc_step", "image_acts_step",
-                 "fire_count_step", "spatial_sum", "act_sq_step"):
+                 "fire_count_step", "spatial_sum", "act_sq_step", "hist_edges", "hist_count"):
         np.testing.assert_array_equal(getattr(back, name), getattr(stats, name))
+        assert getattr(back, name).dtype == getattr(stats, name).dtype
     assert back.attrs == stats.attrs
     assert back.patch_grid == stats.patch_grid and back.condition_names == stats.condition_names
     np.testing.assert_array_equal(back.spatial_mean, stats.spatial_mean)
@@ -192,3 +228,64 @@ def test_cfg_branch_filter(tmp_path, tiny_dit):
     check_against_reference(cond, sae, out)
     np.testing.assert_array_equal(both.fire_count_step, cond.fire_count_step + uncond.fire_count_step)
     assert not np.array_equal(cond.fire_count_step, uncond.fire_count_step)
+
+
+def test_histogram_clips_to_the_end_bins_and_survives_save_load(dataset, tmp_path):
+    """Latents beyond the edges (a ReLU SAE with one feature scaled far above 1e4 and one far below 1e-4) count in
+    the last and the first bin; a latent exactly on an edge counts in the bin above it (features 3 and 4 have a zero
+    encoder row, so their latent is their bias on every row: 1.0 = edge 32 and 1e4 = the last edge, both exact in
+    float32) and one just below an edge in the bin below (feature 5: the float32 nearest an edge that float32 rounds
+    down, which a comparison against float32-rounded edges would put in the bin above); the histogram round-trips
+    through the file exactly."""
+    sae = make_sae("relu", seed=2)
+    with torch.no_grad():
+        sae.W_enc[..., 1, :] *= 1e6
+        sae.W_enc[..., 2, :] *= 1e-7
+        sae.b_enc[..., 2] = 0.0
+        sae.W_enc[..., 3:6, :] = 0.0
+        sae.b_enc[..., 3] = 1.0
+        sae.b_enc[..., 4] = 1e4
+        k = next(k for k in range(33, 64) if np.float32(EDGES[k]) < EDGES[k])
+        sae.b_enc[..., 5] = float(np.float32(EDGES[k]))
+    stats = compute_feature_stats(sae, dataset, top_k=4, batch_size=256, progress=False)
+    _, x, meta = all_rows(dataset)
+    with torch.no_grad():
+        z = sae.encode(torch.from_numpy(x), torch.from_numpy(meta["timestep"])).numpy().astype(np.float64)
+    assert (z[:, 1] >= 1e4).any() and (z[:, 2] > 0).any() and (z[:, 2][z[:, 2] > 0] < 1e-4).all()
+    check_histogram(stats, z)
+    assert stats.hist_count[1, -1] == (z[:, 1] >= EDGES[-2]).sum()
+    assert stats.hist_count[1, -1] > np.histogram(z[:, 1], bins=EDGES)[0][-1]  # clipping moved values into it
+    assert stats.hist_count[2, 0] == stats.fire_count[2] > 0 and stats.hist_count[2, 1:].sum() == 0
+    assert stats.hist_count[0].sum() == 0  # feature 0 never fires
+    assert EDGES[32] == 1.0 and (z[:, 3] == 1.0).all() and (z[:, 4] == 1e4).all()
+    assert (z[:, 5] < EDGES[k]).all() and (z[:, 5] == np.float32(EDGES[k])).all()
+    assert stats.hist_count[3, 32] == stats.hist_count[4, 63] == stats.hist_count[5, k - 1] == stats.rows
+    np.testing.assert_array_equal(stats.hist_count[3], reference_histogram(z[:, 3]))
+    np.testing.assert_array_equal(stats.hist_count[4], reference_histogram(z[:, 4]))
+    np.testing.assert_array_equal(stats.hist_count[5], reference_histogram(z[:, 5]))
+
+    centers = stats.hist_centers
+    assert centers.shape == (64,)
+    np.testing.assert_allclose(centers, 10.0 ** (-4 + (np.arange(64) + 0.5) / 8), rtol=1e-12)
+    assert (EDGES[:-1] < centers).all() and (centers < EDGES[1:]).all()
+
+    back = load_feature_stats(save_feature_stats(stats, tmp_path / "stats.h5"))
+    np.testing.assert_array_equal(back.hist_count, stats.hist_count)
+    np.testing.assert_array_equal(back.hist_edges, stats.hist_edges)
+    assert back.hist_count.dtype == np.int64 and back.hist_edges.dtype == np.float64
+    np.testing.assert_array_equal(back.hist_centers, stats.hist_centers)
+
+
+def test_a_schema_2_file_is_refused_in_one_line(dataset, tmp_path):
+    """A file written before the histogram (schema_version 2: no hist_* datasets) is refused, naming the version and
+    the fix, in one line."""
+    path = save_feature_stats(compute_feature_stats(make_sae(), dataset, top_k=2, progress=False), tmp_path)
+    assert load_feature_stats(path).hist_count.shape == (32, 64)
+    with h5py.File(path, "a") as f:
+        f.attrs["schema_version"] = 2
+        del f["hist_edges"], f["hist_count"]
+    with pytest.raises(TideError) as err:
+        load_feature_stats(path)
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message
+    assert "schema_version 2 but this tide reads version 3: recompute it with `tide stats`" in message

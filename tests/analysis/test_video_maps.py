@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -70,30 +69,30 @@ def test_video_frames_pair_latent_frames_with_their_decoded_frames():
 
 
 def test_dashboard_shows_a_heat_map_per_frame_of_a_video_sample(video):
+    from tide.analysis.dashboard import decode_heat
+
     out = video["root"] / "dash"
     stats = video["stats"]
     feature = int(np.argmax(stats.frequency))
     export_dashboard(DashboardConfig(stats=str(video["stats_path"]), out=str(out), features=[feature],
-                                     images_per_feature=1, device="cpu", progress=False, neighbours=0))
+                                     images_per_feature=1, device="cpu", progress=False, neighbours=0,
+                                     effect_features=0))
     doc = json.loads((out / "dashboard.json").read_text())
     assert doc["patch_grid"] == list(GRID)
     im = doc["features"][0]["images"][0]
-    heat = np.asarray(im["heatmap"])
-    assert heat.shape == GRID  # one rows x cols map per latent frame
+    assert im["frames"] == [0, 1, 2]  # every latent frame of this short video, in order
+    heat = decode_heat(im["heat"])
+    assert heat.shape == GRID  # one rows x cols map per latent frame shown
     assert heat.reshape(-1)[im["token"]] == pytest.approx(im["regenerated_value"], rel=1e-5)
     assert im["regenerated_value"] == pytest.approx(im["value"], rel=1e-3, abs=1e-4)
     f, r, c = token_coords(im["token"], GRID)
     page = (out / "features" / f"f{feature}.html").read_text()
     assert f"token {im['token']} (frame {f}, row {r}, col {c})" in page
-    # the pictures are film strips of the 3 latent frames: 3 frames of 64 px (enlarged to >= 160) and 2 gaps
-    from base64 import b64decode
-    from io import BytesIO
-
+    # the sample's picture is a film strip of the 3 decoded frames that line up with the latent frames
     from PIL import Image
 
-    pngs = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    sizes = {Image.open(BytesIO(b64decode(p))).size for p in pngs[:2]}
-    assert sizes == {(3 * 192 + 2 * 4, 144)}  # 64x48 frames enlarged 3x (to >= 160 px), 4-px gaps
+    with Image.open(out / im["image"]) as pic:
+        assert pic.size == (3 * 64, 48)  # three 64x48 frames side by side, at their own resolution
 
 
 def test_steering_masks_cover_frames_rows_and_cols_of_a_video(video):

@@ -169,6 +169,25 @@ case("dashboard-missing-stats", r"does not exist")(
     lambda w, t, ro: ["dashboard", "--stats", t / "none.h5", "--out", t / "dash"])
 case("dashboard-broken-labels", r"not valid JSON")(
     lambda w, t, ro: _dash(w, "--labels", _file(t / "labels.json", "{oops"), "--out", t / "dash"))
+case("dashboard-negative-effects", r"effect_features >= -1")(
+    lambda w, t, ro: _dash(w, "--effect-features", "-2", "--out", t / "dash"))
+case("dashboard-negative-strength", r"effect_strength must be >= 0, got -1.0")(
+    lambda w, t, ro: _dash(w, "--effect-strength", "-1", "--out", t / "dash"))
+case("dashboard-stats-of-an-old-schema", r"schema_version 2 but this tide reads version 3: recompute it")(
+    lambda w, t, ro: _dash(w, "--stats", _old_stats(w, t), "--out", t / "dash"))
+
+
+def _old_stats(w, t):
+    """A copy of the world's statistics marked with the previous schema version."""
+    import shutil
+
+    import h5py
+
+    path = t / "old_stats.h5"
+    shutil.copyfile(w.stats, path)
+    with h5py.File(path, "r+") as f:
+        f.attrs["schema_version"] = 2
+    return path
 
 
 # steer: a grid, the JSON beside it, and the images .npz

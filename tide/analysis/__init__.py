@@ -1,9 +1,8 @@
 """Analysis of trained SAEs over captured activations: per-feature statistics (frequency, timestep
-profile, top-k occurrences, class AUROC, spatial maps) from one streaming pass, automatic and
-user labels, and a static dashboard export.
+profile, top-k occurrences, class AUROC, spatial maps, activation histograms) from one streaming pass,
+automatic and user labels, and the feature atlas (a static site with a page per firing feature).
 
-The dashboard is imported here directly: it adds about 20 ms to ``import tide.analysis`` (measured
-with ``python -X importtime``); the models it regenerates images with, and matplotlib, load only when
+The atlas is imported here directly; the models it regenerates images with load only when
 :func:`export_dashboard` runs. Steering (:mod:`tide.analysis.steering`) loads the hooks and the
 sampler, so it is imported from its module.
 """

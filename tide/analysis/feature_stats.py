@@ -12,7 +12,11 @@ For every SAE feature (latent) ``f``:
   per-step score), then the one-vs-rest AUROC of that score for each condition (class), computed
   exactly from mid-ranks (ties count one half) once the pass is over;
 - **spatial map**: the mean activation at each token position, shaped to the patch grid:
-  (rows, cols) for images, (frames, rows, cols) — one map per latent frame — for video backbones.
+  (rows, cols) for images, (frames, rows, cols) — one map per latent frame — for video backbones;
+- **activation histogram**: how many of the rows where ``f`` fires have an activation in each of
+  ``HIST_BINS`` (64) bins shared by all features, log-spaced over ``HIST_RANGE`` (1e-4 to 1e4, 8 bins
+  per decade); a bin holds [lower edge, upper edge), a value below the first edge counts in the first
+  bin and one at or above the last edge in the last, so a feature's counts sum to its fire count.
 
 Beside the features, the hook's own scale: the RMS norm of its activation vectors at each step,
 R(t) = sqrt(mean ||x||^2), the unit of norm-relative steering (:mod:`tide.analysis.steering`).
@@ -28,13 +32,16 @@ The result is a :class:`FeatureStats`; :func:`save_feature_stats` writes it to o
 ``sae_config_hash``, ``sae_weights_hash``, ``dataset_path``, ``manifest_sha256``,
 ``dataset_rows``, ``rows``, ``cfg_branch``, ``top_k``, ``image_reduce``, ``condition_names``,
 ``patch_grid``, ``tide_version``). Empty top-k slots (a feature that fired fewer than ``top_k``
-times) have value 0 and sample id, step and token -1.
+times) have value 0 and sample id, step and token -1. Schema version 3 added the histogram datasets
+``hist_edges`` (H+1,) and ``hist_count`` (F, H); :func:`load_feature_stats` refuses a file of any
+other version (recompute it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import h5py
@@ -49,10 +56,17 @@ from tide.device import eval_mode, resolve_device
 from tide.errors import TideError
 
 SCHEMA = "tide.feature_stats"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 FILENAME = "feature_stats.h5"
 IMAGE_REDUCE = "max"
 COLUMNS = ("timestep", "step_index", "sample_id", "token", "cond", "cfg_branch")
+HIST_BINS = 64
+HIST_RANGE = (1e-4, 1e4)
+
+
+def histogram_edges() -> np.ndarray:
+    """(HIST_BINS + 1,) the activation histogram's bin edges: log-spaced over HIST_RANGE (8 per decade)."""
+    return np.logspace(np.log10(HIST_RANGE[0]), np.log10(HIST_RANGE[1]), HIST_BINS + 1)
 
 
 @dataclasses.dataclass
@@ -96,6 +110,13 @@ class FeatureStats:
     """(T,) rows processed at each token position."""
     spatial_sum: np.ndarray
     """(T, F) sum of the feature's activation at each token position (float64)."""
+    hist_edges: np.ndarray
+    """(H+1,) bin edges of the activation histogram, shared by all features: log-spaced over
+    ``HIST_RANGE`` (float64)."""
+    hist_count: np.ndarray
+    """(F, H) rows where the feature fired with an activation in each bin [edge i, edge i+1) (int64); a value
+    below the first edge counts in bin 0, one at or above the last edge in bin H-1, so each row sums to
+    :attr:`fire_count`."""
     attrs: dict
     """Provenance: hook, SAE and dataset identity, settings (see the module docstring)."""
 
@@ -167,6 +188,36 @@ class FeatureStats:
         mean_TF = safe_ratio(self.spatial_sum, self.token_rows[:, None])
         return mean_TF.T.reshape(self.num_features, *self.patch_grid)
 
+    @property
+    def hist_centers(self) -> np.ndarray:
+        """(H,) geometric centre of each histogram bin, sqrt(lower edge * upper edge)."""
+        return np.sqrt(self.hist_edges[:-1] * self.hist_edges[1:])
+
+
+@dataclasses.dataclass(frozen=True)
+class HookScale:
+    """R(t): the RMS norm of a hook's activation vectors at the recorded timesteps of unedited generations
+    (:attr:`FeatureStats.act_rms_step`); read at the nearest recorded timestep. The unit of norm-relative edits
+    (:mod:`tide.analysis.steering`, ``scale="norm"``) and of the atlas's causal strips."""
+
+    hook: str
+    """The hook it was measured at."""
+    timesteps: tuple[float, ...]
+    """Recorded timesteps."""
+    rms: tuple[float, ...]
+    """R(t) at each of them."""
+
+    @classmethod
+    def from_stats(cls, stats) -> "HookScale":
+        keep = [i for i, r in enumerate(stats.act_rms_step) if math.isfinite(float(r))]
+        if not keep:
+            raise TideError("the feature statistics hold no activation norms: recompute them with `tide stats`")
+        return cls(stats.hook, tuple(float(stats.timesteps[i]) for i in keep), tuple(float(stats.act_rms_step[i]) for i in keep))
+
+    def at(self, t: float) -> float:
+        i = min(range(len(self.timesteps)), key=lambda j: abs(self.timesteps[j] - float(t)))
+        return self.rms[i]
+
 
 def _positive_coo(latents, d_sae: int):
     """(row, feature, value) of the positive latents of a batch."""
@@ -200,7 +251,7 @@ def compute_feature_stats(sae, store_or_path, hook: str | None = None, top_k: in
                           device=None, progress: bool = True, cfg_branch: int | None = 0,
                           image_budget_bytes: int = 2 << 30) -> FeatureStats:
     """One pass over the dataset: per-feature frequency, timestep profile, mean activations, top-k
-    occurrences, class AUROC and spatial maps (see the module docstring).
+    occurrences, class AUROC, spatial maps and activation histograms (see the module docstring).
 
     ``sae``: an :class:`~tide.sae.SAE` or the directory of a saved one. ``store_or_path``: an
     :class:`~tide.data.ActivationStore` or a dataset directory. ``hook`` defaults to the SAE's
@@ -263,6 +314,9 @@ def compute_feature_stats(sae, store_or_path, hook: str | None = None, top_k: in
     sample_cond = np.full(N, -1, dtype=np.int64)
     best_val = torch.full((F, K), -torch.inf, device=dev)
     best_meta = torch.full((4, F, K), -1, dtype=torch.float64, device=dev)  # sample, step, timestep, token
+    H, edges = HIST_BINS, histogram_edges()
+    inner = torch.from_numpy(edges[1:-1]).to(dev)  # bucketize on the inner edges clips to bins 0 and H-1
+    hist = torch.zeros(F * H, dtype=torch.long, device=dev)
 
     from tqdm.auto import tqdm
 
@@ -306,10 +360,13 @@ def compute_feature_stats(sae, store_or_path, hook: str | None = None, top_k: in
                 if len(v) == 0:
                     continue
                 v = v.float()
+                v64 = v.double()
                 flat_step = sp_B[r] * F + f
                 fire_step += torch.bincount(flat_step, minlength=S * F)
-                sum_step.index_add_(0, flat_step, v.double())
-                spatial.index_add_(0, tok_B[r] * F + f, v.double())
+                sum_step.index_add_(0, flat_step, v64)
+                spatial.index_add_(0, tok_B[r] * F + f, v64)
+                flat_bin = f * H + torch.bucketize(v64, inner, right=True)
+                hist.index_add_(0, flat_bin, torch.ones_like(flat_bin))
                 image.scatter_reduce_(0, (sid_B[r] * S + sp_B[r]) * F + f, v, reduce="amax", include_self=True)
 
                 bval, bentry = _batch_topk(f, v, F, K)
@@ -351,7 +408,8 @@ def compute_feature_stats(sae, store_or_path, hook: str | None = None, top_k: in
         topk_value=best_val, topk_sample=best_meta[0].astype(np.int64), topk_step=best_meta[1].astype(np.int64),
         topk_timestep=best_meta[2].astype(np.float32), topk_token=best_meta[3].astype(np.int64),
         sample_cond=sample_cond, image_acts_step=image_NSF, auroc=auroc, auroc_step=auroc_step,
-        token_rows=token_rows.cpu().numpy(), spatial_sum=spatial.view(T, F).cpu().numpy(), attrs=attrs)
+        token_rows=token_rows.cpu().numpy(), spatial_sum=spatial.view(T, F).cpu().numpy(),
+        hist_edges=edges, hist_count=hist.view(F, H).cpu().numpy(), attrs=attrs)
 
 
 def _version() -> str:
@@ -392,8 +450,9 @@ def load_feature_stats(path: str | Path) -> FeatureStats:
             if attrs.get("schema") != SCHEMA:
                 raise TideError(f"{path} is not a feature statistics file (schema {attrs.get('schema')!r})")
             if attrs.get("schema_version") != SCHEMA_VERSION:
-                raise TideError(f"{path} has schema_version {attrs.get('schema_version')!r}; this tide reads "
-                                f"{SCHEMA_VERSION}: recompute it")
+                raise TideError(f"{path} has feature statistics schema_version {attrs.get('schema_version')!r} but this "
+                                f"tide reads version {SCHEMA_VERSION}: recompute it with `tide stats` (or "
+                                f"compute_feature_stats and save_feature_stats)")
             missing = [n for n in _ARRAYS if n not in f]
             if missing:
                 raise TideError(f"{path} lacks {missing}; recompute it")
