@@ -45,6 +45,15 @@ removed generations. ``--stage patch-only`` runs the patch and its edits alone o
     python experiments/steering_bench.py --sae runs/steering_saes/tide --stage multi-hook \
         --extra-saes runs/multi_saes/block2,runs/multi_saes/block6 --patch-strengths 0.7,1,1.5
 
+and on fmnist-dit, beside its patch-only result::
+
+    tide capture --config configs/faithful_capture.yaml --backbone fmnist-dit \
+        --hooks blocks.2.hook_resid_post,blocks.6.hook_resid_post --out runs/dit_multi_capture
+    tide train --config configs/steering_multi.yaml --data runs/dit_multi_capture --out runs/dit_multi_saes
+    python experiments/steering_bench.py --sae runs/dit_steering_saes/tide --stage multi-hook --n 10 \
+        --extra-saes runs/dit_multi_saes/block2,runs/dit_multi_saes/block6 --patch-strengths 0.7,1,1.5 \
+        --out experiments/results/steering_bench_fmnist-dit
+
 Success = the evaluation classifier says B; neither = it says neither A nor B. Realism = Fréchet distance, in the
 classifier's features, of all images steered toward B to real Fashion-MNIST test images of B, over the same
 distance for the model's own B generations (``--n`` x 10 seeds). The strengths of null -> B and A -> B are chosen
@@ -926,7 +935,7 @@ def multi_hook_markdown(res: dict, names: list[str]) -> list[str]:
              f"The feature patch at {hooks} together (one SAE per hook, each trained the same way; every hook patched "
              f"in the same forward pass, the reference passes unedited). Strength {M['strength']}, chosen on seeds "
              f"60000.. from {M['selection']}; {M['seconds'] / 60:.0f} min on 2 CPU threads.", "",
-             "| measure | one hook (block 4) | several hooks | aim |", "|---|---|---|---|",
+             f"| measure | one hook (block {M['hooks'][0].split('.')[1]}) | several hooks | aim |", "|---|---|---|---|",
              f"| null → B success | {s['patch_null_to_b_success']:.1%} | {s['multi_hook_null_to_b_success']:.1%} | ≥ 90% |",
              f"| A → B success, 90 pairs | {s['patch_a_to_b_success']:.1%} | {s['multi_hook_a_to_b_success']:.1%} | ≥ 70% |",
              f"| A → B neither-class rate | {s['patch_a_to_b_neither']:.1%} | {s['multi_hook_a_to_b_neither']:.1%} | ≤ 15% |",
@@ -943,9 +952,9 @@ def multi_hook_markdown(res: dict, names: list[str]) -> list[str]:
         rest = [null[b] for b in null if str(b) != worst]
         lines += [f"The model's own {names[int(worst)]} generations are called {names[int(worst)]} only "
                   f"{own[worst]:.0%} of the time, and null → {names[int(worst)]} reaches {null[int(worst)]:.0%}; over "
-                  f"the other {len(rest)} classes null → B is {np.mean(rest):.1%}. The null → B aim sits 1.5 points "
-                  f"under the model's own B generations ({np.mean(list(own.values())):.1%}), the ceiling of any "
-                  "edit that imitates the prompt.", ""]
+                  f"the other {len(rest)} classes null → B is {np.mean(rest):.1%}. The model's own B generations are "
+                  f"called B {np.mean(list(own.values())):.1%} of the time on these seeds: the ceiling of any edit "
+                  "that imitates the prompt (the null → B aim is 90%).", ""]
     lines += ["Success per cell, several hooks (rows: from; columns: toward B):", ""]
     return lines + patch_matrix(M["cells"], names)
 
@@ -986,6 +995,8 @@ def write_patch_only_markdown(res: dict, path: Path, names: list[str]):
              "## Success per cell (rows: from; columns: toward B)", ""]
     lines += patch_matrix(P["cells"], names)
     lines += edits_markdown(res["edits"], names)
+    if "multi_hook" in res:
+        lines += multi_hook_markdown(res, names)
     lines += ["", "## Realism per target class", "", "| B | FD own | FD patch-steered | ratio |", "|---|---|---|---|"]
     for b, v in P["realism"].items():
         lines.append(f"| {names[int(b)]} | {v['fd_own']:.2f} | {v['fd_steered']:.2f} | {v['ratio']:.2f} |")

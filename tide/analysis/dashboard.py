@@ -396,7 +396,8 @@ def export_dashboard(config: DashboardConfig, backbone=None) -> DashboardResult:
     strips = effects.get("strips", {})
     cfgm = manifest.get("config", {})
     meta = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "tide_version": stats.attrs.get("tide_version"),
-            "hook": stats.hook, "sae_target": getattr(sae.cfg, "target", "activation"), "stats_path": str(config.stats), "sae_path": str(sae_path), "dataset_path": str(data_path),
+            "hook": stats.hook, "sae_target": getattr(sae.cfg, "target", "activation"),
+            "stats_path": str(config.stats), "sae_path": str(sae_path), "dataset_path": str(data_path),
             "backbone": config.backbone or cfgm.get("backbone"), "num_steps": cfgm.get("num_steps"),
             "guidance_scale": cfgm.get("guidance_scale"), "cfg_branch": stats.attrs.get("cfg_branch"),
             "num_features": F, "num_shown": len(features), "condition_names": names, "patch_grid": list(grid),
