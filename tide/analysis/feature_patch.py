@@ -116,10 +116,8 @@ def sample_patched(backbone, sae, conds: Sequence[int], targets: Sequence[int], 
         raise TideError(f"give one target and one seed per condition (got {len(conds)} conditions, {len(targets)} "
                         f"targets, {len(seeds)} seeds)")
     backbone.check_conditions(conds + targets)
-    hooked = HookedBackbone.of(backbone)
-    saes = check_saes(sae)
-    start, stop = _check(saes, hooked, steps, config.num_steps, strength, top_features, features)
-    mask_T, feats = _on_sae(saes[0], mask, features)
+    hooked, saes, (start, stop), mask_T, feats = _prepare(backbone, sae, config, steps, strength, top_features,
+                                                          features, mask)
     keep_X = _latent_mask(backbone, mask) if keep_outside else None
     return _in_batches(backbone, conds, seeds, config, "feature patch", progress, decode, lambda sl, ids, bar: (
         _patched_batch(backbone, hooked, saes, conds[sl], [targets[sl]], seeds[sl], ids, config, strength, top_features,
@@ -218,10 +216,7 @@ def sample_removed(backbone, sae, conds: Sequence[int], seeds: Sequence[int], re
     if int(remove) == NULL_CONDITION:
         raise TideError("the null condition cannot be removed: it is what removal moves toward")
     backbone.check_conditions(conds + [int(remove)])
-    hooked = HookedBackbone.of(backbone)
-    saes = check_saes(sae)
-    start, stop = _check(saes, hooked, steps, config.num_steps, strength, None, None)
-    mask_T, _ = _on_sae(saes[0], mask, None)
+    hooked, saes, (start, stop), mask_T, _ = _prepare(backbone, sae, config, steps, strength, None, None, mask)
     null = [NULL_CONDITION] * len(conds)
     return _in_batches(backbone, conds, seeds, config, "feature removal", progress, decode, lambda sl, ids, bar: (
         _patched_batch(backbone, hooked, saes, conds[sl], [[int(remove)] * len(ids), null[sl]], seeds[sl], ids, config,
@@ -249,13 +244,21 @@ def sample_transferred(backbone, sae, conds: Sequence[int], seeds: Sequence[int]
                         f"{len(conds)} conditions, {len(seeds)} seeds, {len(ref_conds)} reference conditions, "
                         f"{len(ref_seeds)} reference seeds)")
     backbone.check_conditions(conds + ref_conds)
-    hooked = HookedBackbone.of(backbone)
-    saes = check_saes(sae)
-    start, stop = _check(saes, hooked, steps, config.num_steps, strength, None, features)
-    mask_T, feats = _on_sae(saes[0], mask, features)
+    hooked, saes, (start, stop), mask_T, feats = _prepare(backbone, sae, config, steps, strength, None, features,
+                                                          mask)
     return _in_batches(backbone, conds, seeds, config, "feature transfer", progress, decode, lambda sl, ids, bar: (
         _patched_batch(backbone, hooked, saes, conds[sl], [ref_conds[sl]], seeds[sl], ids, config, strength, None, feats,
                        (start, stop), mask_T, bar, ref_seeds=[ref_seeds[sl]])))
+
+
+def _prepare(backbone, sae, config, steps, strength, top_features, features, mask):
+    """Everything a patch run checks and places before its first batch: (hooked backbone, SAEs, (start, stop)
+    window, token mask and feature ids on the first SAE's device)."""
+    hooked = HookedBackbone.of(backbone)
+    saes = check_saes(sae)
+    window = _check(saes, hooked, steps, config.num_steps, strength, top_features, features)
+    mask_T, feats = _on_sae(saes[0], mask, features)
+    return hooked, saes, window, mask_T, feats
 
 
 def _on_sae(sae, mask, features):
