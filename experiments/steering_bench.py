@@ -539,7 +539,7 @@ class EditBench(PatchBench):
         if not self.compound:
             return None
         seeds = [60_000 + i for i in range(6)]
-        k, n = self.num_classes, len(seeds)
+        k = self.num_classes
         conds = [c for c in self.classes for _ in seeds]
         plain = self.gen(conds, seeds * k)
         kept_plain = float((self.predict(plain) == np.asarray(conds)).mean())
@@ -699,16 +699,22 @@ def run_effects_stage(args):
     return res, bench
 
 
+def patch_section(args, bench) -> dict:
+    """The bench's recipe (``bench.prefix``) on the cells: strength chosen on the selection seeds, every null -> B
+    and A -> B cell, realism."""
+    strength = bench.choose_strength()
+    bench.log(f"{bench.prefix}strength {strength}")
+    cells = bench.pairs(strength)
+    return {"args": dict(vars(args)), "strength": strength, "selection": bench.selection, "cells": cells,
+            "realism": {str(b): v for b, v in bench.realism(bench.prefix).items()}}
+
+
 def run_patch_stage(args):
     """Add the feature-patch recipe to the results at ``--out`` (made by a full run)."""
     res, bench = _load_result(args, PatchBench)
     started = time.time()
-    strength = bench.choose_strength()
-    bench.log(f"patch strength {strength}")
-    cells = bench.pairs(strength)
-    res["patch"] = {"args": {k: v for k, v in vars(args).items()}, "strength": strength, "selection": bench.selection,
-                    "cells": cells, "realism": {str(b): v for b, v in bench.realism("patch_").items()},
-                    "masked": bench.masked(strength)}
+    res["patch"] = patch_section(args, bench)
+    res["patch"]["masked"] = bench.masked(res["patch"]["strength"])
     res["patch"]["seconds"] = time.time() - started
     res["summary"] = summarise(res)
     return res, bench
@@ -730,13 +736,8 @@ def run_multi_hook_stage(args):
     """Add the multi-hook feature patch (null -> B, A -> B, realism) to the results at ``--out``."""
     res, bench = _load_result(args, MultiHookBench)
     started = time.time()
-    strength = bench.choose_strength()
-    bench.log(f"multi-hook strength {strength}")
-    cells = bench.pairs(strength)
-    hooks = [bench.sae.cfg.hook] + [e.cfg.hook for e in bench.extra_saes]
-    res["multi_hook"] = {"args": {k: v for k, v in vars(args).items()}, "hooks": hooks, "strength": strength,
-                         "selection": bench.selection, "cells": cells,
-                         "realism": {str(b): v for b, v in bench.realism("multi_").items()}}
+    res["multi_hook"] = {"hooks": [bench.sae.cfg.hook] + [e.cfg.hook for e in bench.extra_saes],
+                         **patch_section(args, bench)}
     res["multi_hook"]["seconds"] = time.time() - started
     res["summary"] = summarise(res)
     return res, bench
@@ -752,11 +753,8 @@ def run_patch_only(args):
     bench.images = {"own": own.reshape(k, n, *own.shape[1:])}
     res = {"what": __doc__.split("\n\n")[0], "args": vars(args), "backbone": bench.sae.cfg.backbone,
            "own_agreement": {str(a): float((bench.predict(bench.images["own"][a]) == a).mean()) for a in bench.classes}}
-    strength = bench.choose_strength()
-    bench.log(f"patch strength {strength}")
-    res["patch"] = {"args": vars(args), "strength": strength, "selection": bench.selection,
-                    "cells": bench.pairs(strength)}
-    res["patch"]["realism"] = {str(b): v for b, v in bench.realism("patch_").items()}
+    res["patch"] = patch_section(args, bench)
+    strength = res["patch"]["strength"]
     res["patch"]["masked"] = bench.masked(strength)
     res["edits"] = {"removal": bench.removal(), "masked_kept": bench.masked_kept(strength), "transfer": bench.transfer(),
                     "effects": bench.effects(strength)}
@@ -859,7 +857,7 @@ def write_markdown(res: dict, path: Path, names: list[str]):
              f"| realism: FD(steered B, real B) / FD(own B, real B), median over B | "
              f"{both('realism_ratio_median', '{:.2f}')} | ≤ 2 |",
              f"| realism, worst B | {both('realism_ratio_max', '{:.2f}')} | |",
-             f"| masked edits, outside / inside (left, upper × from step 0, 4, 8) | "
+             "| masked edits, outside / inside (left, upper × from step 0, 4, 8) | "
              + ", ".join(f"{m['outside_over_inside']:.2f}" for m in res["masked"]) + " | "
              + (", ".join(f"{v:.2f}" for v in ps["masked_outside_over_inside"]) if ps else "–") + " | ≤ 0.15 |",
              "| masked edits keeping the outside (latent blending), outside / inside | – | "
