@@ -1124,20 +1124,15 @@ def figure(res: dict, images: dict, path: Path, names: list[str]):
             rows.append(torch.stack([images["own"][a, 0] if b == a else images["pairs_after"][a, b, 0]
                                      for b in range(k)]))
             labels.append(f"{names[a]}→B")
-    if "patch_pairs_after" in images:
-        rows.append(torch.stack([images["patch_null_after"][b, 0] for b in range(k)]))
-        labels.append("null→B patch")
+    for prefix, tag in (("patch_", "patch"), ("multi_", "hooks")):  # the feature patch at one hook, at several
+        if f"{prefix}pairs_after" not in images:
+            continue
+        rows.append(torch.stack([images[f"{prefix}null_after"][b, 0] for b in range(k)]))
+        labels.append(f"null→B {tag}")
         for a in range(4):
-            rows.append(torch.stack([images["own"][a, 0] if b == a else images["patch_pairs_after"][a, b, 0]
+            rows.append(torch.stack([images["own"][a, 0] if b == a else images[f"{prefix}pairs_after"][a, b, 0]
                                      for b in range(k)]))
-            labels.append(f"{names[a]}→B patch")
-    if "multi_pairs_after" in images:
-        rows.append(torch.stack([images["multi_null_after"][b, 0] for b in range(k)]))
-        labels.append("null→B hooks")
-        for a in range(4):
-            rows.append(torch.stack([images["own"][a, 0] if b == a else images["multi_pairs_after"][a, b, 0]
-                                     for b in range(k)]))
-            labels.append(f"{names[a]}→B hooks")
+            labels.append(f"{names[a]}→B {tag}")
     save_grid(torch.cat(rows), path.with_name(path.stem + "_examples.png"), nrow=k, row_labels=labels,
               title="steered toward B (columns B = " + ", ".join(names) + "); diagonal: the unedited generation")
 
